@@ -1,0 +1,106 @@
+"""Tokenization of one preference example, with an explicit truncation policy.
+
+Prompt and completions are tokenised **separately** and concatenated as ids, so no token merges
+across the prompt/completion boundary and the completion mask is exact. The prompt keeps the
+tokenizer's special tokens (BOS where the model uses one) — once: a BOS already present in the
+text (chat templates write it) is not doubled. Completions get no special tokens and end with
+exactly one EOS.
+
+Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
+1. the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, ``keep_start``
+   its first; a leading BOS is kept either way);
+2. if prompt + longest completion still exceeds ``max_length``, the prompt is cut further, but not
+   below ``min(len(prompt), max_length // 2)`` tokens;
+3. completions are then cut from the end to fit, never to zero tokens: a prompt that leaves no room
+   drops the example with reason ``prompt_fills_max_length``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class TokenizedExample:
+    """Token ids of a prompt and its K completions, plus what truncation did."""
+
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    truncated_prompt: bool = False
+    truncated_completion: bool = False
+    drop_reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _cut(ids: list[int], n: int, mode: str, keep_first: bool) -> list[int]:
+    """Keep ``n`` tokens of ``ids`` by ``mode``; ``keep_first`` pins ids[0] (a BOS)."""
+    if len(ids) <= n:
+        return ids
+    if mode == "keep_start":
+        return ids[:n]
+    if mode != "keep_end":
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {mode!r}")
+    return ids[:1] + ids[len(ids) - n + 1 :] if keep_first and n > 1 else ids[len(ids) - n :]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens, without a doubled BOS."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
+    """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, eos]
+    return ids
+
+
+def truncate(
+    prompt: list[int],
+    completions: list[list[int]],
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    has_bos: bool = False,
+) -> TokenizedExample:
+    """Apply the module's truncation policy to ids; see the module docstring."""
+    out = TokenizedExample(prompt_ids=prompt, completion_ids=completions)
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        out.prompt_ids = _cut(prompt, max_prompt_length, truncation_mode, has_bos)
+    longest = max(len(c) for c in completions)
+    if len(out.prompt_ids) + longest > max_length:
+        floor = min(len(out.prompt_ids), max_length // 2)
+        budget = max(max_length - longest, floor)
+        out.prompt_ids = _cut(out.prompt_ids, budget, truncation_mode, has_bos)
+    out.truncated_prompt = len(out.prompt_ids) < len(prompt)
+    room = max_length - len(out.prompt_ids)
+    if room < 1:
+        out.drop_reason = "prompt_fills_max_length"
+        return out
+    out.completion_ids = [c[:room] for c in completions]
+    out.truncated_completion = any(len(c) > room for c in completions)
+    return out
+
+
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    completions: list[str],
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    add_eos: bool = True,
+) -> TokenizedExample:
+    """Tokenise and truncate one example (prompt string, K completion strings)."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
+    has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
+    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)

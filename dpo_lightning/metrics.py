@@ -1,0 +1,36 @@
+"""Per-batch preference metrics with TRL's names, so dashboards carry over."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def preference_metrics(
+    losses: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_logits: Tensor,
+    rejected_logits: Tensor,
+) -> dict[str, Tensor]:
+    """Batch means of the logged quantities; every input is (P,), one value per pair.
+
+    ``grad_weight`` is the mean of ``σ(r̂(yl) − r̂(yw))``, the per-example weight of the DPO
+    gradient (paper §4, "What does the DPO update do?"): high when the implicit reward model
+    orders the pair wrongly.
+    """
+    chosen_rewards, rejected_rewards = chosen_rewards.float(), rejected_rewards.float()
+    return {
+        "loss": losses.detach().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+        "logits/chosen": chosen_logits.detach().mean(),
+        "logits/rejected": rejected_logits.detach().mean(),
+        "grad_weight": torch.sigmoid(rejected_rewards - chosen_rewards).mean(),
+    }

@@ -1,0 +1,74 @@
+"""Building the policy: from a hub id / local folder, or from a config dict (offline, tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(
+    name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+    gguf_file: str | None = None,
+    disable_dropout: bool = True,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A causal LM from ``name_or_path`` (hub id or local dir), or built from ``config``.
+
+    Args:
+        name_or_path: hub id or ``save_pretrained`` folder; ``None`` builds from ``config``.
+        config: ``{model_type: ..., **kwargs}`` for ``AutoConfig.for_model`` (random init).
+        vocab_size: the tokenizer's size, used when building from ``config``.
+        dtype: parameter dtype name (``float32`` / ``bfloat16`` / ``float16``).
+        trust_remote_code: run code shipped with the checkpoint (off unless asked for).
+        attn_implementation: ``sdpa`` / ``eager`` / ``flash_attention_2`` / ``flex_attention``.
+        gguf_file: a GGUF file inside ``name_or_path`` (transformers de-quantises it).
+        disable_dropout: set every dropout probability to 0 (DPO compares log-probs of policy
+            and reference; dropout noise in either biases the log-ratio).
+        seed: initialisation seed when building from ``config``.
+    """
+    torch_dtype = DTYPES[dtype]
+    if name_or_path is None:
+        if config is None:
+            raise ValueError("set model.name_or_path (hub id or local folder) or model.config")
+        kwargs = dict(config)
+        model_type = kwargs.pop("model_type")
+        if vocab_size is not None:
+            kwargs["vocab_size"] = vocab_size
+        hf_config = AutoConfig.for_model(model_type, **kwargs)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    else:
+        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+            use_safetensors=None if gguf_file else True,
+            **extra,
+        )
+    if disable_dropout:
+        set_dropout(model, 0.0)
+    return model
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Set the probability of every ``nn.Dropout`` in ``model`` (and the matching config keys)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, p)

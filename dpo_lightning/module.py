@@ -1,0 +1,129 @@
+"""The DPO ``LightningModule``: a trainable policy, a frozen reference, a preference loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from dpo_lightning.logps import CompletionStats, concatenated_forward
+from dpo_lightning.losses import PreferenceLoss
+from dpo_lightning.metrics import preference_metrics
+from dpo_lightning.reference import CopyReference, ReferenceStrategy
+
+
+class DPOModule(L.LightningModule):
+    """Direct Preference Optimization (https://arxiv.org/abs/2305.18290).
+
+    Args:
+        policy: the causal LM being trained (a HF ``PreTrainedModel``).
+        loss: a :class:`~dpo_lightning.losses.PreferenceLoss` (``conf/loss/*.yaml``).
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
+        reference: where reference log-probs come from (default: a frozen copy of ``policy``).
+
+    Batches come from :class:`~dpo_lightning.data.collate.PreferenceCollator`: B completion rows
+    and P pairs given as ``chosen_idx`` / ``rejected_idx`` into the rows.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        loss: PreferenceLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        reference: ReferenceStrategy | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.reference = reference or CopyReference()
+        self.reference.attach(self)
+
+    # Lightning calls .train() on the whole module each epoch; the reference must stay in eval
+    # mode (no dropout) whatever happens to the policy.
+    def train(self, mode: bool = True) -> DPOModule:
+        super().train(mode)
+        if hasattr(self, "reference_model"):
+            self.reference_model.eval()
+        return self
+
+    def forward(self, batch: dict[str, Any]) -> CompletionStats:
+        return concatenated_forward(
+            self.policy, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        policy = self(batch)
+        reference = None if self.loss_fn.is_reference_free else self.reference.completion_logps(self, batch)
+        ci, ri = batch["chosen_idx"], batch["rejected_idx"]
+        chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
+        losses, chosen_rewards, rejected_rewards = self.loss_fn(
+            policy.logps[ci],
+            policy.logps[ri],
+            None if reference is None else reference.logps[ci],
+            None if reference is None else reference.logps[ri],
+            chosen_lengths=policy.lengths[ci],
+            rejected_lengths=policy.lengths[ri],
+            chosen_nll=chosen_nll,
+        )
+        metrics = preference_metrics(
+            losses, chosen_rewards, rejected_rewards,
+            policy.logps[ci], policy.logps[ri], policy.mean_logits[ci], policy.mean_logits[ri],
+        )
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in metrics.items()},
+            batch_size=int(batch["num_pairs"]),
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+            sync_dist=True,
+            prog_bar=False,
+        )
+        self.log(f"{stage}/acc", metrics["rewards/accuracies"], prog_bar=True, batch_size=int(batch["num_pairs"]),
+                 logger=False, sync_dist=True, on_step=stage == "train", on_epoch=stage != "train")
+        return losses.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Before clipping: the norm the optimizer would have seen unclipped.
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
+
+    # The frozen reference is rebuilt from its source: keep it out of checkpoints, so a
+    # checkpoint holds one copy of the weights.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefix = self.reference.frozen_prefix
+        if prefix:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefix = self.reference.frozen_prefix
+        if prefix:
+            current = self.state_dict()
+            checkpoint["state_dict"].update({k: v for k, v in current.items() if k.startswith(prefix)})

@@ -1,0 +1,66 @@
+"""Tokenizers: the real HF loader and an offline byte-level BPE for hub-less runs and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dpo_lightning.data.synthetic import sentiment_corpus
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+# A minimal chat template (ChatML-like) so conversational data works offline too.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE in memory (deterministic for the same texts) with BOS/EOS/PAD.
+
+    The prompt gets a BOS from the post-processor; completions are tokenised without special
+    tokens and end with EOS (see :mod:`dpo_lightning.data.tokenize`).
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=2048
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def offline_sentiment_tokenizer(vocab_size: int = 512, n: int = 2000, seed: int = 0) -> PreTrainedTokenizerFast:
+    """The default experiment's tokenizer: a BPE trained on the generated sentiment corpus."""
+    return train_bpe_tokenizer(sentiment_corpus(n, seed), vocab_size)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` plus a pad token when the tokenizer has none.
+
+    Causal LMs often ship without a pad token; the EOS is used (padding is masked out of every
+    loss and attention, so its id never matters) and the choice is logged.
+    """
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ValueError(
+                f"tokenizer of {name_or_path!r} has neither a pad nor an eos token: "
+                "set one in its tokenizer_config.json"
+            )
+        tok.pad_token = tok.eos_token
+        print(f"[dpo_lightning] tokenizer {name_or_path!r} has no pad token: using eos {tok.eos_token!r}")
+    return tok

@@ -1,0 +1,118 @@
+"""Train a causal LM with DPO: ``dpo-train`` (same as ``python -m dpo_lightning.train``).
+
+    dpo-train                                    # embedded default: tiny model, offline, CPU
+    dpo-train model.name_or_path=gpt2 data.path=data.jsonl trainer=gpu
+    dpo-train --multirun loss.beta=0.1,0.5       # a sweep, one run dir per job
+    dpo-train trainer=ddp trainer.devices=4      # multi-GPU
+    dpo-train logger=wandb                       # W&B (offline when no API key)
+
+Reads top to bottom: seed → tokenizer → data → policy → module → callbacks/loggers → trainer →
+fit → validate → export → summary. Returns the metric named by ``optimized_metric`` for sweepers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_lightning.callbacks import PairThroughput
+from dpo_lightning.models import load_causal_lm
+from dpo_lightning.module import DPOModule
+from dpo_lightning.summary import print_table, scalar_metrics, write_summary
+from dpo_lightning.tokenizer import load_tokenizer
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def build_tokenizer(model_cfg: DictConfig):
+    """The configured tokenizer, else the one saved with ``model.name_or_path``."""
+    if model_cfg.get("tokenizer") is not None:
+        return instantiate(model_cfg.tokenizer)
+    return load_tokenizer(model_cfg.name_or_path, model_cfg.get("trust_remote_code", False))
+
+
+def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
+    kwargs = OmegaConf.to_container(model_cfg, resolve=True)
+    kwargs.pop("tokenizer", None)
+    return load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training job from a composed config; returns ``cfg.optimized_metric``'s value."""
+    start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.output_dir)
+
+    tokenizer = build_tokenizer(cfg.model)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.setup("fit")  # validate and tokenize before any model work
+
+    policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
+    module = DPOModule(
+        policy=policy,
+        loss=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        reference=instantiate(cfg.reference) if cfg.get("reference") else None,
+    )
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
+    callbacks = [*(c for c in callbacks if c is not throughput), throughput]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_metrics = scalar_metrics(trainer.callback_metrics, "train")
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    val_metrics = scalar_metrics(trainer.callback_metrics, "val")
+
+    export_dir = run_dir / "hf_model"
+    ckpt_cb = trainer.checkpoint_callback
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": trainer.global_step,
+        "train": train_metrics,
+        "val": val_metrics,
+        "pairs_per_sec": throughput.total_pairs / max(throughput.train_seconds, 1e-9),
+        "tokens_per_sec": throughput.total_tokens / max(throughput.train_seconds, 1e-9),
+        "pairs_trained": throughput.total_pairs,
+        "wall_seconds": time.perf_counter() - start,
+        "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
+        "data": datamodule.report(),
+        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None) if ckpt_cb else None,
+        "export": str(export_dir),
+    }
+    if trainer.is_global_zero:
+        module.policy.save_pretrained(export_dir, safe_serialization=True)
+        tokenizer.save_pretrained(export_dir)
+        summary["wall_seconds"] = time.perf_counter() - start
+        write_summary(run_dir / "summary.json", summary)
+        print_table(summary)
+    return _objective(cfg, summary)
+
+
+def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    stage, _, key = name.partition("/")
+    return summary.get(stage, {}).get(key)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
