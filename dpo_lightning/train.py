@@ -13,12 +13,12 @@ fit → validate → export → summary. Returns the metric named by ``optimized
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -27,6 +27,9 @@ from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.tokenizer import load_tokenizer
+
+# The frozen reference is in eval mode on purpose; Lightning warns about it at fit start.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -64,7 +67,9 @@ def train(cfg: DictConfig) -> float | None:
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
+    throughput = (
+        next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
+    )
     callbacks = [*(c for c in callbacks if c is not throughput), throughput]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -89,7 +94,9 @@ def train(cfg: DictConfig) -> float | None:
         "wall_seconds": time.perf_counter() - start,
         "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
         "data": datamodule.report(),
-        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None) if ckpt_cb else None,
+        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None)
+        if ckpt_cb
+        else None,
         "export": str(export_dir),
     }
     if trainer.is_global_zero:

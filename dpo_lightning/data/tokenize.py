@@ -10,7 +10,7 @@ Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
 1. the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, ``keep_start``
    its first; a leading BOS is kept either way);
 2. if prompt + longest completion still exceeds ``max_length``, the prompt is cut further, but not
-   below ``min(len(prompt), max_length // 2)`` tokens;
+   below ``min(len(prompt), max(1, max_length // 2))`` tokens;
 3. completions are then cut from the end to fit, never to zero tokens: a prompt that leaves no room
    drops the example with reason ``prompt_fills_max_length``.
 """
@@ -54,7 +54,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True
+) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -77,7 +79,8 @@ def truncate(
         out.prompt_ids = _cut(prompt, max_prompt_length, truncation_mode, has_bos)
     longest = max(len(c) for c in completions)
     if len(out.prompt_ids) + longest > max_length:
-        floor = min(len(out.prompt_ids), max_length // 2)
+        # The prompt keeps at least one token: the first completion token needs a context.
+        floor = min(len(out.prompt_ids), max(1, max_length // 2))
         budget = max(max_length - longest, floor)
         out.prompt_ids = _cut(out.prompt_ids, budget, truncation_mode, has_bos)
     out.truncated_prompt = len(out.prompt_ids) < len(prompt)
@@ -103,4 +106,6 @@ def tokenize_example(
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
+    return truncate(
+        prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos
+    )
