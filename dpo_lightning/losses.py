@@ -15,6 +15,7 @@ Two layers:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -105,9 +106,7 @@ class DPOLoss(PreferenceLoss):
         return losses, *implicit_rewards(self.beta, chosen_logratios, rejected_logratios)
 
 
-def implicit_rewards(
-    beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor
-) -> tuple[Tensor, Tensor]:
+def implicit_rewards(beta: float, chosen_logratios: Tensor, rejected_logratios: Tensor) -> tuple[Tensor, Tensor]:
     """DPO's implicit rewards ``β log(πθ/πref)`` for chosen and rejected, detached: (P,), (P,)."""
     return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 

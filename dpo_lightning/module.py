@@ -60,9 +60,7 @@ class DPOModule(L.LightningModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         policy = self(batch)
-        reference = (
-            None if self.loss_fn.is_reference_free else self.reference.completion_logps(self, batch)
-        )
+        reference = None if self.loss_fn.is_reference_free else self.reference.completion_logps(self, batch)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
@@ -75,13 +73,8 @@ class DPOModule(L.LightningModule):
             chosen_nll=chosen_nll,
         )
         metrics = preference_metrics(
-            losses,
-            chosen_rewards,
-            rejected_rewards,
-            policy.logps[ci],
-            policy.logps[ri],
-            policy.mean_logits[ci],
-            policy.mean_logits[ri],
+            losses, chosen_rewards, rejected_rewards,
+            policy.logps[ci], policy.logps[ri], policy.mean_logits[ci], policy.mean_logits[ri],
         )
         self.log_dict(
             {f"{stage}/{k}": v for k, v in metrics.items()},
@@ -91,16 +84,8 @@ class DPOModule(L.LightningModule):
             sync_dist=True,
             prog_bar=False,
         )
-        self.log(
-            f"{stage}/acc",
-            metrics["rewards/accuracies"],
-            prog_bar=True,
-            batch_size=int(batch["num_pairs"]),
-            logger=False,
-            sync_dist=True,
-            on_step=stage == "train",
-            on_epoch=stage != "train",
-        )
+        self.log(f"{stage}/acc", metrics["rewards/accuracies"], prog_bar=True, batch_size=int(batch["num_pairs"]),
+                 logger=False, sync_dist=True, on_step=stage == "train", on_epoch=stage != "train")
         return losses.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -141,6 +126,4 @@ class DPOModule(L.LightningModule):
         prefix = self.reference.frozen_prefix
         if prefix:
             current = self.state_dict()
-            checkpoint["state_dict"].update(
-                {k: v for k, v in current.items() if k.startswith(prefix)}
-            )
+            checkpoint["state_dict"].update({k: v for k, v in current.items() if k.startswith(prefix)})

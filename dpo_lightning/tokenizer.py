@@ -43,9 +43,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
     return fast
 
 
-def offline_sentiment_tokenizer(
-    vocab_size: int = 512, n: int = 2000, seed: int = 0
-) -> PreTrainedTokenizerFast:
+def offline_sentiment_tokenizer(vocab_size: int = 512, n: int = 2000, seed: int = 0) -> PreTrainedTokenizerFast:
     """The default experiment's tokenizer: a BPE trained on the generated sentiment corpus."""
     return train_bpe_tokenizer(sentiment_corpus(n, seed), vocab_size)
 
@@ -64,7 +62,5 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
                 "set one in its tokenizer_config.json"
             )
         tok.pad_token = tok.eos_token
-        print(
-            f"[dpo_lightning] tokenizer {name_or_path!r} has no pad token: using eos {tok.eos_token!r}"
-        )
+        print(f"[dpo_lightning] tokenizer {name_or_path!r} has no pad token: using eos {tok.eos_token!r}")
     return tok

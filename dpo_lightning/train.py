@@ -67,9 +67,7 @@ def train(cfg: DictConfig) -> float | None:
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    throughput = (
-        next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
-    )
+    throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
     callbacks = [*(c for c in callbacks if c is not throughput), throughput]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -94,9 +92,7 @@ def train(cfg: DictConfig) -> float | None:
         "wall_seconds": time.perf_counter() - start,
         "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
         "data": datamodule.report(),
-        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None)
-        if ckpt_cb
-        else None,
+        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None) if ckpt_cb else None,
         "export": str(export_dir),
     }
     if trainer.is_global_zero:

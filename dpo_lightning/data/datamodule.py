@@ -93,9 +93,7 @@ class PreferenceDataModule(L.LightningDataModule):
         else:
             dd = load_raw(self.path, self.name)
         if self.train_split not in dd:
-            raise ValueError(
-                f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}"
-            )
+            raise ValueError(f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}")
         train = dd[self.train_split].map(lambda _, i: {"row_id": i}, with_indices=True)
         if self.val_split and self.val_split in dd:
             val = dd[self.val_split].map(lambda _, i: {"row_id": i}, with_indices=True)
@@ -129,10 +127,8 @@ class PreferenceDataModule(L.LightningDataModule):
             desc="tokenize",
         )
         for reason, row, tp, tc in zip(
-            tokenized["drop_reason"],
-            tokenized["row_id"],
-            tokenized["truncated_prompt"],
-            tokenized["truncated_completion"],
+            tokenized["drop_reason"], tokenized["row_id"],
+            tokenized["truncated_prompt"], tokenized["truncated_completion"],
         ):
             if reason:
                 report.drop(reason, row)
@@ -171,9 +167,7 @@ def _normalize(row: dict[str, Any], fmt: Callable[[dict], dict]) -> dict[str, An
         return {"prompt": None, "completions": None, "pairs": None, "invalid": str(err)}
 
 
-def _tokenize(
-    row: dict[str, Any], tokenizer, max_length, max_prompt_length, truncation_mode
-) -> dict:
+def _tokenize(row: dict[str, Any], tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
     ex = tokenize_example(
         tokenizer, row["prompt"], row["completions"], max_length, max_prompt_length, truncation_mode
     )

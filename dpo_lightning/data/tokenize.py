@@ -54,9 +54,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return ids
 
 
-def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True
-) -> list[int]:
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
@@ -106,6 +104,4 @@ def tokenize_example(
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(
-        prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos
-    )
+    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
