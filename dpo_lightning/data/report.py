@@ -14,7 +14,9 @@ class InvalidDataError(ValueError):
 class DataReport:
     """Counts of dropped and truncated rows by reason, with the first few row numbers of each.
 
-    ``dropped`` rows are not trained on; ``truncated`` rows are trained on, shortened.
+    ``dropped`` rows are not trained on; ``truncated`` rows are trained on, shortened; ``notes``
+    count changes inside kept rows (tied pairs not formed, chat completions re-tokenised).
+    ``unit`` names what the numbers in ``examples`` count (``line`` for JSON Lines files).
     """
 
     source: str = "<data>"
@@ -22,6 +24,10 @@ class DataReport:
     truncated: Counter = field(default_factory=Counter)
     examples: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     rows_in: int = 0
+    unit: str = "row"
+    notes: Counter = field(default_factory=Counter)
+    rows_kept: int = 0
+    tokenize_cache: str | None = None  # "hit" | "miss": whether tokenisation was loaded from cache
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped[reason] += 1
@@ -31,10 +37,13 @@ class DataReport:
     def truncate(self, reason: str, n: int = 1) -> None:
         self.truncated[reason] += n
 
+    def note(self, kind: str, n: int = 1) -> None:
+        self.notes[kind] += n
+
     def error_lines(self) -> list[str]:
         """One readable line per fault kind: file, kind, first rows, total."""
         return [
-            f"{self.source}: {n} row(s) with {reason} (rows {', '.join(map(str, self.examples[reason]))}"
+            f"{self.source}: {n} row(s) with {reason} ({self.unit}s {', '.join(map(str, self.examples[reason]))}"
             f"{', ...' if n > len(self.examples[reason]) else ''})"
             for reason, n in sorted(self.dropped.items())
         ]
@@ -47,10 +56,16 @@ class DataReport:
             "dropped": dict(self.dropped),
             "truncated": dict(self.truncated),
             "example_rows": {k: v for k, v in self.examples.items() if v},
+            "unit": self.unit,
+            "notes": dict(self.notes),
+            "rows_kept": self.rows_kept,
+            "tokenize_cache": self.tokenize_cache,
         }
 
     def summary_line(self) -> str:
         return (
-            f"{self.source}: {self.rows_in} rows, dropped {dict(self.dropped) or 0}, "
-            f"truncated {dict(self.truncated) or 0}"
+            f"{self.source}: {self.rows_in} rows, kept {self.rows_kept}, "
+            f"dropped {dict(self.dropped) or 0}, truncated {dict(self.truncated) or 0}"
+            + (f", notes {dict(self.notes)}" if self.notes else "")
+            + (f", tokenization cache {self.tokenize_cache}" if self.tokenize_cache else "")
         )

@@ -18,6 +18,7 @@ Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -45,22 +46,29 @@ def _cut(ids: list[int], n: int, mode: str, keep_first: bool) -> list[int]:
     return ids[:1] + ids[len(ids) - n + 1 :] if keep_first and n > 1 else ids[len(ids) - n :]
 
 
+def dedup_bos(ids: list[int], bos: int | None) -> list[int]:
+    """Drop a second leading BOS (text that already starts with one, plus the tokenizer's)."""
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return ids[1:]
+    return ids
+
+
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """``ids`` ending in exactly one EOS (none added when it already ends with one)."""
+    if eos is not None and (not ids or ids[-1] != eos):
+        return [*ids, eos]
+    return ids
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Prompt ids with the tokenizer's special tokens, without a doubled BOS."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    return ids
+    return dedup_bos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
 
 
 def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids = [*ids, eos]
-    return ids
+    return with_eos(ids, tokenizer.eos_token_id) if add_eos else ids
 
 
 def truncate(
@@ -104,3 +112,60 @@ def tokenize_example(
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
     return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Length limits and truncation policy (``data.max_length`` ...), see the module docstring."""
+
+    max_length: int
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+    add_eos: bool = True
+
+
+def example_record(row_id: int, pairs: list[list[int]], ex: TokenizedExample) -> dict[str, Any]:
+    """One tokenised row as stored in the cached data set (``length``: longest padded row)."""
+    longest = max((len(c) for c in ex.completion_ids), default=0)
+    return {
+        "row_id": row_id,
+        "prompt_ids": ex.prompt_ids,
+        "completion_ids": ex.completion_ids,
+        "pairs": pairs,
+        "length": len(ex.prompt_ids) + longest,
+        "truncated_prompt": ex.truncated_prompt,
+        "truncated_completion": ex.truncated_completion,
+        "drop_reason": ex.drop_reason,
+        "notes": ex.notes,
+    }
+
+
+def tokenize_text_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, limits: Limits
+) -> dict[str, list]:
+    """``datasets.map(batched=True)`` function for string prompts / completions.
+
+    One tokenizer call for all prompts and one for all completions of the batch (the fast
+    tokenizer parallelises inside a call), then the per-row policy above.
+    """
+    prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
+    flat = [c for cs in batch["completions"] for c in cs]
+    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out: dict[str, list] = {}
+    at = 0
+    for i, prompt_ids in enumerate(prompts):
+        k = len(batch["completions"][i])
+        comps = flat_ids[at : at + k]
+        at += k
+        if limits.add_eos:
+            comps = [with_eos(c, eos) for c in comps]
+        prompt_ids = dedup_bos(prompt_ids, bos)
+        has_bos = bool(prompt_ids) and prompt_ids[0] == bos
+        ex = truncate(
+            prompt_ids, comps, limits.max_length, limits.max_prompt_length,
+            limits.truncation_mode, has_bos,
+        )
+        for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
+            out.setdefault(key, []).append(value)
+    return out
