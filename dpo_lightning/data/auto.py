@@ -89,6 +89,8 @@ def resolve_format(fmt: str | Callable | None) -> Callable:
         if fmt == "auto":
             return AutoFormat()
         if fmt not in FORMATS:
-            raise ValueError(f"data.format {fmt!r} unknown; use one of {['auto', *sorted(FORMATS)]}")
+            raise ValueError(
+                f"data.format {fmt!r} unknown; use one of {['auto', *sorted(FORMATS)]}"
+            )
         return FORMATS[fmt]()
     return fmt

@@ -31,8 +31,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode() if backend is not None else Hasher.hash(tokenizer).encode())
     meta = (
-        type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
-        tokenizer.eos_token_id, sorted(tokenizer.get_added_vocab().items()),
+        type(tokenizer).__name__,
+        tokenizer.chat_template,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        sorted(tokenizer.get_added_vocab().items()),
     )
     h.update(repr(meta).encode())
     return h.hexdigest()
@@ -47,9 +50,7 @@ def rows_fingerprint(rows: Iterable[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def tokenize_fingerprint(
-    rows_fp: str, tokenizer_fp: str, fn: Callable, limits: Any
-) -> str:
+def tokenize_fingerprint(rows_fp: str, tokenizer_fp: str, fn: Callable, limits: Any) -> str:
     """The cache key of one tokenised split (hex, usable as a ``datasets`` fingerprint)."""
     key = (CACHE_VERSION, rows_fp, tokenizer_fp, f"{fn.__module__}.{fn.__qualname__}", repr(limits))
     return hashlib.sha256(repr(key).encode()).hexdigest()[:32]

@@ -66,7 +66,7 @@ def as_turns(value: Any, key: str, role: str, roles: tuple[str, ...]) -> list[di
 
 def common_prefix(a: list, b: list) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -99,7 +99,7 @@ class ConversationalFormat(RowFormat):
         else:
             prompt = None
         if prompt is None:
-            # Whole conversations: the shared turns, up to the last non-assistant one, are the prompt.
+            # Whole conversations: the shared turns up to the last non-assistant one = prompt.
             n = common_prefix(chosen, rejected)
             while n > 0 and chosen[n - 1]["role"] == "assistant":
                 n -= 1
@@ -127,7 +127,10 @@ class ConversationalFormat(RowFormat):
 
 
 def chat_completion_ids(
-    tokenizer: PreTrainedTokenizerBase, prompt_text: str, prompt_ids: list[int], messages: list[dict]
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_text: str,
+    prompt_ids: list[int],
+    messages: list[dict],
 ) -> tuple[list[int] | None, str | None]:
     """Completion ids after ``prompt_ids`` and a note (``None`` ids: not a prefix, drop)."""
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -147,12 +150,16 @@ def tokenize_chat_batch(
     bos = tokenizer.bos_token_id
     out: dict[str, list] = {}
     for i, prompt in enumerate(batch["prompt"]):
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True
+        )
         raw_prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         prompt_ids = dedup_bos(raw_prompt_ids, bos)
         comps, notes, drop = [], [], None
         for completion in batch["completions"][i]:
-            ids, note = chat_completion_ids(tokenizer, prompt_text, raw_prompt_ids, prompt + completion)
+            ids, note = chat_completion_ids(
+                tokenizer, prompt_text, raw_prompt_ids, prompt + completion
+            )
             if ids is None:
                 drop = note
                 break
@@ -161,8 +168,12 @@ def tokenize_chat_batch(
         if drop is None:
             has_bos = bool(prompt_ids) and prompt_ids[0] == bos
             ex = truncate(
-                prompt_ids, comps, limits.max_length, limits.max_prompt_length,
-                limits.truncation_mode, has_bos,
+                prompt_ids,
+                comps,
+                limits.max_length,
+                limits.max_prompt_length,
+                limits.truncation_mode,
+                has_bos,
             )
         else:
             ex = TokenizedExample(prompt_ids, [], drop_reason=drop)

@@ -124,7 +124,7 @@ class RowFormat:
 
 
 class StandardFormat(RowFormat):
-    """``{prompt, chosen, rejected}`` strings (the paper's TL;DR / IMDb pairs, most SFT-style sets)."""
+    """``{prompt, chosen, rejected}`` strings (the paper's IMDb pairs and most pair sets)."""
 
     fields = ("prompt", "chosen", "rejected")
 
@@ -144,7 +144,7 @@ def shared_prefix_cut(a: str, b: str, marker: str | None) -> int:
     backed off to the last whitespace so no word is split between prompt and completion.
     """
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

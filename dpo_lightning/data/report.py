@@ -43,7 +43,8 @@ class DataReport:
     def error_lines(self) -> list[str]:
         """One readable line per fault kind: file, kind, first rows, total."""
         return [
-            f"{self.source}: {n} row(s) with {reason} ({self.unit}s {', '.join(map(str, self.examples[reason]))}"
+            f"{self.source}: {n} row(s) with {reason} "
+            f"({self.unit}s {', '.join(map(str, self.examples[reason]))}"
             f"{', ...' if n > len(self.examples[reason]) else ''})"
             for reason, n in sorted(self.dropped.items())
         ]

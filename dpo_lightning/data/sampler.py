@@ -44,11 +44,15 @@ class LengthGroupedBatchSampler(BatchSampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         indices = list(self.sampler)
-        mega = self.batch_size * self.mega_batch_mult  # a multiple of batch_size: one short batch at most
+        mega = (
+            self.batch_size * self.mega_batch_mult
+        )  # a multiple of batch_size: one short batch at most
         batches = []
         for start in range(0, len(indices), mega):
             chunk = sorted(indices[start : start + mega], key=lambda i: -self.lengths[i])
-            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+            batches += [
+                chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)
+            ]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
         epoch = getattr(self.sampler, "epoch", self._epoch)

@@ -65,7 +65,9 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return dedup_bos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True
+) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return with_eos(ids, tokenizer.eos_token_id) if add_eos else ids
@@ -111,7 +113,9 @@ def tokenize_example(
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
+    return truncate(
+        prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos
+    )
 
 
 @dataclass(frozen=True)
@@ -163,8 +167,12 @@ def tokenize_text_batch(
         prompt_ids = dedup_bos(prompt_ids, bos)
         has_bos = bool(prompt_ids) and prompt_ids[0] == bos
         ex = truncate(
-            prompt_ids, comps, limits.max_length, limits.max_prompt_length,
-            limits.truncation_mode, has_bos,
+            prompt_ids,
+            comps,
+            limits.max_length,
+            limits.max_prompt_length,
+            limits.truncation_mode,
+            has_bos,
         )
         for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
             out.setdefault(key, []).append(value)

@@ -24,7 +24,7 @@ JSON_SUFFIXES = (".json", ".jsonl")
 
 @dataclass
 class Record:
-    """One raw row: ``location`` (1-based line or row number), the row or the reason it is unreadable."""
+    """One raw row: ``location`` (1-based line / row number), the row or why it is unreadable."""
 
     location: int
     row: dict[str, Any] | None = None
@@ -61,11 +61,15 @@ def read_json_records(path: str | Path) -> Iterator[Record]:
             json.loads(data.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             where = f"line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "bytes"
-            raise InvalidDataError(f"{path}: not valid JSON ({where}): {err}; fix the file") from None
+            raise InvalidDataError(
+                f"{path}: not valid JSON ({where}): {err}; fix the file"
+            ) from None
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if raw.strip():
             parsed = parse_json_line(raw)
-            yield Record(lineno, parsed) if isinstance(parsed, dict) else Record(lineno, fault=parsed)
+            yield (
+                Record(lineno, parsed) if isinstance(parsed, dict) else Record(lineno, fault=parsed)
+            )
 
 
 def _whole_document(data: bytes) -> list | None:
@@ -118,6 +122,6 @@ def raise_if_invalid(reports: list[DataReport], on_invalid: str) -> None:
     lines = [line for r in reports for line in r.error_lines()]
     if lines and on_invalid == "error":
         raise InvalidDataError(
-            "invalid preference rows (fix them, or set data.on_invalid=skip to train on the rest):\n"
+            "invalid preference rows (fix them, or data.on_invalid=skip trains on the rest):\n"
             + "\n".join(lines)
         )
