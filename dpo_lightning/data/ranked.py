@@ -20,10 +20,12 @@ from collections.abc import Callable
 from numbers import Real
 from typing import Any
 
+from dpo_lightning.data.chat import ROLES, as_turns, tokenize_chat_batch
 from dpo_lightning.data.formats import (
     InvalidRow,
     RowFormat,
     check_text,
+    render_template,
     require_text,
     require_value,
 )
@@ -78,6 +80,8 @@ class RankedFormat(RowFormat):
         mode: ``all_pairs`` | ``best_vs_worst`` | ``best_vs_random``.
         higher_is_better: false for ranks (1 = best).
         seed: for ``best_vs_random`` (combined with the prompt, so a row always draws the same).
+        chat: render with the chat template: the prompt is a message list (or a string: one user
+            turn) and each completion an assistant message list (or a string: one turn).
     """
 
     fields = ("prompt", "completions", "scores")
@@ -92,9 +96,12 @@ class RankedFormat(RowFormat):
         score_columns: list[str] | None = None,
         higher_is_better: bool = True,
         seed: int = 0,
+        chat: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.chat = chat
+        self.tokenize_batch = tokenize_chat_batch if chat else self.tokenize_batch
         if mode not in PAIR_MODES:
             raise ValueError(f"data.format.mode must be one of {sorted(PAIR_MODES)}, got {mode!r}")
         self.mode, self.text_key, self.score_key = mode, text_key, score_key
@@ -114,6 +121,8 @@ class RankedFormat(RowFormat):
             if not all(isinstance(it, dict) for it in items):
                 raise InvalidRow(f"wrong_type_{col}")
             texts = [check_text(it.get(self.text_key), f"{col}.{self.text_key}") for it in items]
+        elif self.chat:
+            texts = [as_turns(it, col, "assistant", ROLES) for it in items]
         else:
             texts = [check_text(it, col) for it in items]
         if self.score_key is not None:
@@ -132,8 +141,20 @@ class RankedFormat(RowFormat):
             raise InvalidRow(f"wrong_type_{self.col('scores')}")
         return texts, scores
 
+    def chat_prompt(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        """The prompt as messages (a string or template result is one user turn)."""
+        if self.prompt_template is not None:
+            prompt = as_turns(render_template(self.prompt_template, row), "prompt", "user", ROLES)
+        else:
+            col = self.col("prompt")
+            prompt = as_turns(require_value(row, col), col, "user", ROLES)
+        system = self.system_for(row)
+        if system is not None and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}, *prompt]
+        return prompt
+
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        prompt = self.text_prompt(row)
+        prompt = self.chat_prompt(row) if self.chat else self.text_prompt(row)
         texts, scores = self.texts_and_scores(row)
         if len(texts) < 2:
             raise InvalidRow("fewer_than_two_completions")
@@ -147,7 +168,9 @@ class RankedFormat(RowFormat):
         scores = [float(s) if self.higher_is_better else -float(s) for s in scores]
         if len(set(scores)) < 2:
             raise InvalidRow("fewer_than_two_distinct_scores")
-        rng = random.Random(zlib.crc32(prompt.encode()) ^ self.seed)
+        if self.chat and any(t[0]["role"] != "assistant" for t in texts):
+            raise InvalidRow("completion_not_assistant")
+        rng = random.Random(zlib.crc32(repr(prompt).encode()) ^ self.seed)
         candidates = PAIR_MODES[self.mode](scores, rng)
         pairs = [(w, lose) for w, lose in candidates if texts[w] != texts[lose]]
         if not pairs:

@@ -10,6 +10,21 @@ class InvalidDataError(ValueError):
     """Raised (under ``on_invalid=error``) with one line per kind of fault."""
 
 
+# What to do about a fault, by the start of its reason key (first match wins).
+HINTS = {
+    "missing_": "map the column with data.columns.<field>=<your column>",
+    "prompt_fills_max_length": "raise data.max_length or set data.max_prompt_length to cut prompts",
+    "undecodable_line": "the line is not UTF-8",
+    "malformed_json_line": "the line is not one JSON object",
+    "unknown_role": "roles must be system/user/assistant/tool (format.roles)",
+    "chat_template_not_prefix": "the chat template renders the history unlike the prompt",
+}
+
+
+def hint(reason: str) -> str:
+    return next((f" — {h}" for k, h in HINTS.items() if reason.startswith(k)), "")
+
+
 @dataclass
 class DataReport:
     """Counts of dropped and truncated rows by reason, with the first few row numbers of each.
@@ -45,7 +60,7 @@ class DataReport:
         return [
             f"{self.source}: {n} row(s) with {reason} "
             f"({self.unit}s {', '.join(map(str, self.examples[reason]))}"
-            f"{', ...' if n > len(self.examples[reason]) else ''})"
+            f"{', ...' if n > len(self.examples[reason]) else ''}){hint(reason)}"
             for reason, n in sorted(self.dropped.items())
         ]
 

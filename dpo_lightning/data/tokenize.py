@@ -9,10 +9,13 @@ exactly one EOS.
 Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
 1. the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, ``keep_start``
    its first; a leading BOS is kept either way);
-2. if prompt + longest completion still exceeds ``max_length``, the prompt is cut further, but not
+2. a prompt that still fills ``max_length`` on its own is a fault, not something to cut silently:
+   the example is dropped with reason ``prompt_fills_max_length`` (set ``max_prompt_length`` below
+   ``max_length`` to have such prompts cut instead);
+3. if prompt + longest completion exceeds ``max_length``, the prompt is cut further, but not
    below ``min(len(prompt), max_length // 2)`` tokens;
-3. completions are then cut from the end to fit, never to zero tokens: a prompt that leaves no room
-   drops the example with reason ``prompt_fills_max_length``.
+4. completions are then cut from the end to fit, never to zero tokens (the rule above leaves at
+   least one position for them).
 """
 
 from __future__ import annotations
@@ -85,16 +88,16 @@ def truncate(
     out = TokenizedExample(prompt_ids=prompt, completion_ids=completions)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         out.prompt_ids = _cut(prompt, max_prompt_length, truncation_mode, has_bos)
+    if len(out.prompt_ids) >= max_length:
+        out.drop_reason = "prompt_fills_max_length"
+        return out
     longest = max(len(c) for c in completions)
     if len(out.prompt_ids) + longest > max_length:
         floor = min(len(out.prompt_ids), max_length // 2)
         budget = max(max_length - longest, floor)
         out.prompt_ids = _cut(out.prompt_ids, budget, truncation_mode, has_bos)
     out.truncated_prompt = len(out.prompt_ids) < len(prompt)
-    room = max_length - len(out.prompt_ids)
-    if room < 1:
-        out.drop_reason = "prompt_fills_max_length"
-        return out
+    room = max_length - len(out.prompt_ids)  # >= 1: the prompt is shorter than max_length
     out.completion_ids = [c[:room] for c in completions]
     out.truncated_completion = any(len(c) > room for c in completions)
     return out
