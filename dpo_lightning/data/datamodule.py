@@ -67,7 +67,8 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: share of train held out when the data has no validation split.
         format: a row format object, or a name (``auto``, ``standard``, ``implicit_prompt``,
             ``conversational``, ``ranked``); default :class:`StandardFormat`.
-        columns: column mapping merged into the format's (``data.columns.prompt=question``).
+        columns: column mapping merged into the format's (``data.columns.prompt=question``);
+            null values leave the format's mapping alone.
         system_prompt: system prompt for every row (overrides the format's).
         batch_size: examples (prompts) per device step; eval_batch_size defaults to it.
         max_length, max_prompt_length, truncation_mode: see :mod:`dpo_lightning.data.tokenize`.
@@ -122,8 +123,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.format = resolve_format(format)
-        if columns:
-            self.format.columns = {**self.format.columns, **columns}
+        mapped = {k: v for k, v in (columns or {}).items() if v is not None}  # null: keep
+        if mapped:
+            self.format.columns = {**self.format.columns, **mapped}
         if system_prompt is not None:
             self.format.system_prompt = system_prompt
         self.batch_size = batch_size
