@@ -37,19 +37,11 @@ def tokenizer():
 def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
     from dpo_lightning.models import load_causal_lm
 
-    config = (
-        dict(
-            model_type="llama",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-        )
-        | overrides
-    )
+    config = dict(
+        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ) | overrides
     return load_causal_lm(config=config, vocab_size=vocab_size, seed=seed)
 
 
@@ -58,19 +50,14 @@ def tiny_model(tokenizer):
     return make_tiny_model(len(tokenizer))
 
 
-def run_cli(
-    args: list[str], tmp_path: Path, timeout: int = 300, check: bool = True, env: dict | None = None
-) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], tmp_path: Path, timeout: int = 300, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m dpo_lightning.train`` in a subprocess (never DDP inside pytest)."""
     cmd = [sys.executable, "-m", "dpo_lightning.train", *args]
     full_env = {**os.environ, "WANDB_DIR": str(tmp_path / "wandb"), **(env or {})}
-    proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
-    )
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"CLI failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-        )
+        raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
