@@ -19,21 +19,26 @@ def test_prompt_bos_once_completion_eos_once(tokenizer):
 
 def test_prompt_cut_first_then_completions_never_empty():
     prompt, comps = list(range(100, 140)), [list(range(10)), list(range(5))]
-    ex = truncate(prompt, comps, max_length=30, truncation_mode="keep_end", has_bos=True)
-    # prompt cut to max_length - longest completion = 20, keeping BOS (prompt[0]) and the end
+    ex = truncate(prompt, comps, max_length=30, max_prompt_length=25, truncation_mode="keep_end",
+                  has_bos=True)
+    # prompt cut to 25, then to max_length - longest completion = 20, keeping BOS and the end
     assert len(ex.prompt_ids) == 20 and ex.prompt_ids[0] == 100 and ex.prompt_ids[-1] == 139
     assert ex.completion_ids == comps and ex.truncated_prompt and not ex.truncated_completion
     # a very long completion: the prompt keeps max_length // 2, the completion is cut from the end
-    ex2 = truncate(prompt, [list(range(60)), [1]], max_length=30, truncation_mode="keep_start")
+    ex2 = truncate(prompt, [list(range(60)), [1]], max_length=30, max_prompt_length=25,
+                   truncation_mode="keep_start")
     assert ex2.prompt_ids == prompt[:15]
     assert ex2.completion_ids[0] == list(range(15)) and ex2.truncated_completion
     assert all(len(c) > 0 for c in ex2.completion_ids)
 
 
 def test_prompt_that_fills_max_length_is_dropped_not_emptied():
+    # a prompt that alone fills max_length is a fault (dropped and counted), not cut silently
     ex = truncate(list(range(50)), [[1, 2]], max_length=10, max_prompt_length=None)
-    # the prompt is cut to max_length - longest completion = 8 (its end kept)
-    assert ex.drop_reason is None and ex.prompt_ids == list(range(42, 50))
+    assert ex.drop_reason == "prompt_fills_max_length"
+    # with max_prompt_length below max_length it is cut (end kept) and the example survives
+    ex = truncate(list(range(50)), [[1, 2]], max_length=10, max_prompt_length=6)
+    assert ex.drop_reason is None and ex.prompt_ids == list(range(44, 50))
     # max_length 1: the prompt keeps its one token and no room is left for any completion
     ex = truncate(list(range(50)), [[1, 2]], max_length=1)
     assert ex.drop_reason == "prompt_fills_max_length" and len(ex.prompt_ids) == 1

@@ -22,7 +22,7 @@ class PreferenceCollator:
 
     Args:
         pad_token_id: id written in padding positions (masked everywhere, its value is irrelevant).
-        padding_side: ``"right"`` or ``"left"``; results are identical (positions come from the mask).
+        padding_side: ``"right"`` or ``"left"``; same results (positions come from the mask).
         pad_to_multiple_of: round T up (tensor-core friendly shapes on GPU).
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``chosen_idx``,

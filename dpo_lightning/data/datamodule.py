@@ -1,20 +1,57 @@
-"""The preference ``LightningDataModule``: load → validate → split → tokenize → collate."""
+"""The preference ``LightningDataModule``: read → validate → split → tokenize (cached) → collate.
+
+Every row is validated (all faults of all splits counted with their file and line / row number)
+and tokenised in :meth:`PreferenceDataModule.setup`, which ``train.py`` calls before building the
+model: bad data stops a run before any model work, with one line per fault kind.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, RandomSampler
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.data.auto import AutoFormat, resolve_format
+from dpo_lightning.data.cache import (
+    default_cache_dir,
+    rows_fingerprint,
+    tokenize_fingerprint,
+    tokenizer_fingerprint,
+)
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.data.formats import InvalidRow, StandardFormat
 from dpo_lightning.data.loading import load_raw
-from dpo_lightning.data.report import DataReport, InvalidDataError
-from dpo_lightning.data.tokenize import tokenize_example
+from dpo_lightning.data.report import DataReport
+from dpo_lightning.data.sampler import LengthGroupedBatchSampler
+from dpo_lightning.data.tokenize import Limits
+from dpo_lightning.data.validate import (
+    JSON_SUFFIXES,
+    Record,
+    dataset_records,
+    normalize_records,
+    raise_if_invalid,
+    read_json_records,
+)
+
+# Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``).
+BATCH_COLUMNS = ["prompt_ids", "completion_ids", "pairs", "row_id"]
+
+
+@dataclass
+class Source:
+    """One raw split: where it comes from and how to read its records."""
+
+    label: str
+    unit: str
+    records: Callable[[], Iterator[Record]]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -22,18 +59,28 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: the policy's tokenizer.
-        path: hub id, local json/jsonl/parquet/csv file, or ``save_to_disk`` folder.
+        path: hub id, local json/jsonl/parquet/csv file, or ``save_to_disk`` folder. A lone local
+            file is the ``train_split`` whatever that is called (validation carved from it).
         generator: instead of ``path``, a callable returning a ``datasets.Dataset`` (built-in data).
         name: hub configuration name.
         train_split, val_split: split names; a missing ``val_split`` is carved from train.
         val_fraction: share of train held out when the data has no validation split.
-        format: row format (default :class:`StandardFormat`).
-        batch_size: pairs (examples) per device step; eval_batch_size defaults to it.
+        format: a row format object, or a name (``auto``, ``standard``, ``implicit_prompt``,
+            ``conversational``, ``ranked``); default :class:`StandardFormat`.
+        columns: column mapping merged into the format's (``data.columns.prompt=question``);
+            null values leave the format's mapping alone.
+        system_prompt: system prompt for every row (overrides the format's).
+        batch_size: examples (prompts) per device step; eval_batch_size defaults to it.
         max_length, max_prompt_length, truncation_mode: see :mod:`dpo_lightning.data.tokenize`.
         on_invalid: ``error`` (stop before any model work) or ``skip`` (drop and count).
         padding_side: ``right`` or ``left``.
+        pad_to_multiple_of: round the padded length up.
         num_workers: DataLoader workers.
-        seed: split seed.
+        seed: split seed (and the bucketing shuffle's).
+        group_by_length: length-grouped batches for training (less padding).
+        group_mega_batch_mult: mega-batch size, in batches, for grouping.
+        num_proc: processes for tokenisation (``datasets.map``); null = this process.
+        cache_dir: tokenisation cache folder (default ``$HF_DATASETS_CACHE/dpo_lightning``).
     """
 
     def __init__(
@@ -45,7 +92,7 @@ class PreferenceDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str | None = "validation",
         val_fraction: float = 0.05,
-        format: Callable[[dict], dict] | None = None,
+        format: Callable[[dict], dict] | str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         max_length: int = 512,
@@ -56,21 +103,39 @@ class PreferenceDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        columns: dict[str, str | None] | None = None,
+        system_prompt: str | None = None,
+        group_by_length: bool = False,
+        group_mega_batch_mult: int = 50,
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if (path is None) == (generator is None):
             raise ValueError("give exactly one of data.path or data.generator")
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        if truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}"
+            )
         self.tokenizer = tokenizer
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
-        self.format = format or StandardFormat()
+        self.format = resolve_format(format)
+        mapped = {k: v for k, v in (columns or {}).items() if v is not None}  # null: keep
+        if mapped:
+            self.format.columns = {**self.format.columns, **mapped}
+        if system_prompt is not None:
+            self.format.system_prompt = system_prompt
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.truncation_mode, self.on_invalid = truncation_mode, on_invalid
+        self.limits = Limits(max_length, max_prompt_length, truncation_mode)
+        self.on_invalid = on_invalid
         self.num_workers, self.seed = num_workers, seed
+        self.group_by_length, self.group_mega_batch_mult = group_by_length, group_mega_batch_mult
+        self.num_proc = num_proc
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.collator = PreferenceCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
         self.reports: dict[str, DataReport] = {}
         self.train_set: datasets.Dataset | None = None
@@ -80,74 +145,133 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train, val = self._raw_splits()
-        source = self.path or getattr(self.generator, "__name__", "generator")
-        self.train_set = self._prepare(train, DataReport(source=f"{source}[{self.train_split}]"))
-        self.val_set = self._prepare(val, DataReport(source=f"{source}[validation]"))
+        sources = self._sources()
+        if isinstance(self.format, AutoFormat):
+            train = sources[self.train_split]
+            sample = [
+                r.row
+                for _, r in zip(range(200), train.records(), strict=False)
+                if r.row is not None
+            ]
+            self.format.detect(sample, train.label)
+        rows = {}
+        for split, src in sources.items():
+            report = self.reports.setdefault(src.label, DataReport(source=src.label, unit=src.unit))
+            rows[split] = (normalize_records(src.records(), self.format, report), report)
+
+        train_rows, train_report = rows[self.train_split]
+        if self.val_split in rows:
+            val_rows, val_report = rows[self.val_split]
+        else:
+            train_rows, val_rows = self._carve(train_rows)
+            val_report = train_report
+        self.train_set = self._tokenize(train_rows, train_report)
+        self.val_set = self._tokenize(val_rows, val_report)
+        # One stop with every fault kind, length faults included (tokenising the valid rows is
+        # cheap next to a second round trip, and cached for the next run).
+        raise_if_invalid(list(self.reports.values()), self.on_invalid)
         for report in self.reports.values():
             print(f"[dpo_lightning] data {report.summary_line()}")
+        for split, ds in (("train", self.train_set), ("validation", self.val_set)):
+            if len(ds) == 0:
+                raise ValueError(f"data: no usable rows left for {split}; see the counts above")
 
-    def _raw_splits(self) -> tuple[datasets.Dataset, datasets.Dataset]:
+    def _sources(self) -> dict[str, Source]:
         if self.generator is not None:
-            dd = datasets.DatasetDict(train=self.generator())
-        else:
-            dd = load_raw(self.path, self.name)
+            ds = self.generator()
+            label = f"{getattr(self.generator, '__name__', 'generator')}[{self.train_split}]"
+            return {self.train_split: Source(label, "row", lambda: dataset_records(ds))}
+        local = Path(self.path).expanduser()
+        if local.is_file() and local.suffix.lower() in JSON_SUFFIXES:
+            return {self.train_split: Source(str(local), "line", lambda: read_json_records(local))}
+        dd = load_raw(self.path, self.name)
+        if local.is_file():  # a lone csv / parquet file
+            return {
+                self.train_split: Source(str(local), "row", lambda: dataset_records(dd["train"]))
+            }
         if self.train_split not in dd:
-            raise ValueError(f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}")
-        train = dd[self.train_split].map(lambda _, i: {"row_id": i}, with_indices=True)
-        if self.val_split and self.val_split in dd:
-            val = dd[self.val_split].map(lambda _, i: {"row_id": i}, with_indices=True)
-            return train, val
-        parts = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
-        return parts["train"], parts["test"]
-
-    def _prepare(self, raw: datasets.Dataset, report: DataReport) -> datasets.Dataset:
-        """Validate every row (counting faults), then tokenize; returns trainable rows only."""
-        self.reports[report.source] = report
-        report.rows_in = len(raw)
-        checked = raw.map(_normalize, fn_kwargs={"fmt": self.format}, desc="validate")
-        for reason, row in zip(checked["invalid"], checked["row_id"]):
-            if reason:
-                report.drop(reason, row)
-        if report.dropped and self.on_invalid == "error":
-            raise InvalidDataError(
-                "invalid preference rows (fix them or set data.on_invalid=skip):\n"
-                + "\n".join(report.error_lines())
+            raise ValueError(
+                f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}"
             )
-        valid = checked.filter(lambda r: r["invalid"] is None)
-        tokenized = valid.map(
-            _tokenize,
-            fn_kwargs={
-                "tokenizer": self.tokenizer,
-                "max_length": self.max_length,
-                "max_prompt_length": self.max_prompt_length,
-                "truncation_mode": self.truncation_mode,
-            },
-            remove_columns=valid.column_names,
+        splits = [s for s in (self.train_split, self.val_split) if s and s in dd]
+        return {s: Source(f"{self.path}[{s}]", "row", _records_of(dd[s])) for s in splits}
+
+    def _carve(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Hold out ``val_fraction`` of the train rows (at least one), with ``seed``."""
+        order = list(range(len(rows)))
+        random.Random(self.seed).shuffle(order)
+        n_val = min(max(1, math.ceil(self.val_fraction * len(rows))), max(len(rows) - 1, 0))
+        held = set(order[:n_val])
+        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+    def _tokenize(self, rows: list[dict], report: DataReport) -> datasets.Dataset:
+        """Tokenise valid rows through a cache keyed by content; count drops and truncations."""
+        if not rows:
+            return datasets.Dataset.from_dict({c: [] for c in [*BATCH_COLUMNS, "length"]})
+        fn = self.format.tokenize_batch
+        fp = tokenize_fingerprint(
+            rows_fingerprint(rows), tokenizer_fingerprint(self.tokenizer), fn, self.limits
+        )
+        cache_dir = self.cache_dir or default_cache_dir()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file = cache_dir / f"tokenized-{fp}.arrow"
+        hit = cache_file.exists()
+        report.tokenize_cache = "hit" if hit and report.tokenize_cache != "miss" else "miss"
+        raw = datasets.Dataset.from_list(rows)
+        tokenized = raw.map(
+            fn,
+            batched=True,
+            batch_size=256,
+            fn_kwargs={"tokenizer": self.tokenizer, "limits": self.limits},
+            remove_columns=raw.column_names,
+            cache_file_name=str(cache_file),
+            new_fingerprint=fp,
+            num_proc=self.num_proc if self.num_proc and len(rows) > 1000 else None,
             desc="tokenize",
         )
-        for reason, row, tp, tc in zip(
-            tokenized["drop_reason"], tokenized["row_id"],
-            tokenized["truncated_prompt"], tokenized["truncated_completion"],
+        cols = tokenized.select_columns(
+            ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
+        ).to_dict()
+        keep = []
+        for i, (row_id, reason) in enumerate(
+            zip(cols["row_id"], cols["drop_reason"], strict=False)
         ):
             if reason:
-                report.drop(reason, row)
-            report.truncate("prompt", int(tp))
-            report.truncate("completion", int(tc))
+                report.drop(reason, row_id + 1)
+                continue
+            keep.append(i)
+            report.truncate("prompt", int(cols["truncated_prompt"][i]))
+            report.truncate("completion", int(cols["truncated_completion"][i]))
+            for note in cols["notes"][i] or ():
+                report.note(note)
         report.truncated = +report.truncated  # drop zero counts
-        return tokenized.filter(lambda r: r["drop_reason"] is None)
+        report.rows_kept += len(keep)
+        return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
     # -- loaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        ds = self.train_set.select_columns(BATCH_COLUMNS)
+        if not self.group_by_length:
+            return self._loader(ds, self.batch_size, shuffle=True)
+        generator = torch.Generator().manual_seed(self.seed)
+        batch_sampler = LengthGroupedBatchSampler(
+            RandomSampler(ds, generator=generator),
+            batch_size=self.batch_size,
+            drop_last=False,
+            lengths=self.train_set["length"],
+            mega_batch_mult=self.group_mega_batch_mult,
+            seed=self.seed,
+        )
+        return DataLoader(
+            ds, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_set.select_columns(BATCH_COLUMNS), self.eval_batch_size, False)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        cols = ["prompt_ids", "completion_ids", "pairs", "row_id"]
         return DataLoader(
-            ds.select_columns(cols),
+            ds,
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=self.collator,
@@ -156,27 +280,9 @@ class PreferenceDataModule(L.LightningDataModule):
         )
 
     def report(self) -> dict[str, Any]:
-        """Dropped / truncated counts of every split, for ``summary.json``."""
+        """Dropped / truncated / noted counts of every source, for ``summary.json``."""
         return {src: r.as_dict() for src, r in self.reports.items()}
 
 
-def _normalize(row: dict[str, Any], fmt: Callable[[dict], dict]) -> dict[str, Any]:
-    try:
-        return {**fmt(row), "invalid": None}
-    except InvalidRow as err:
-        return {"prompt": None, "completions": None, "pairs": None, "invalid": str(err)}
-
-
-def _tokenize(row: dict[str, Any], tokenizer, max_length, max_prompt_length, truncation_mode) -> dict:
-    ex = tokenize_example(
-        tokenizer, row["prompt"], row["completions"], max_length, max_prompt_length, truncation_mode
-    )
-    return {
-        "row_id": row["row_id"],
-        "prompt_ids": ex.prompt_ids,
-        "completion_ids": ex.completion_ids,
-        "pairs": row["pairs"],
-        "truncated_prompt": ex.truncated_prompt,
-        "truncated_completion": ex.truncated_completion,
-        "drop_reason": ex.drop_reason,
-    }
+def _records_of(ds: datasets.Dataset) -> Callable[[], Iterator[Record]]:
+    return lambda: dataset_records(ds)

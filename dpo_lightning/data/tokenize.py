@@ -9,15 +9,19 @@ exactly one EOS.
 Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
 1. the prompt is cut to ``max_prompt_length`` (``keep_end`` keeps its last tokens, ``keep_start``
    its first; a leading BOS is kept either way);
-2. if prompt + longest completion still exceeds ``max_length``, the prompt is cut further, but not
+2. a prompt that still fills ``max_length`` on its own is a fault, not something to cut silently:
+   the example is dropped with reason ``prompt_fills_max_length`` (set ``max_prompt_length`` below
+   ``max_length`` to have such prompts cut instead);
+3. if prompt + longest completion exceeds ``max_length``, the prompt is cut further, but not
    below ``min(len(prompt), max(1, max_length // 2))`` tokens;
-3. completions are then cut from the end to fit, never to zero tokens: a prompt that leaves no room
-   drops the example with reason ``prompt_fills_max_length``.
+4. completions are then cut from the end to fit, never to zero tokens (the rule above leaves at
+   least one position for them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -45,22 +49,31 @@ def _cut(ids: list[int], n: int, mode: str, keep_first: bool) -> list[int]:
     return ids[:1] + ids[len(ids) - n + 1 :] if keep_first and n > 1 else ids[len(ids) - n :]
 
 
+def dedup_bos(ids: list[int], bos: int | None) -> list[int]:
+    """Drop a second leading BOS (text that already starts with one, plus the tokenizer's)."""
+    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+        return ids[1:]
+    return ids
+
+
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """``ids`` ending in exactly one EOS (none added when it already ends with one)."""
+    if eos is not None and (not ids or ids[-1] != eos):
+        return [*ids, eos]
+    return ids
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Prompt ids with the tokenizer's special tokens, without a doubled BOS."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    return ids
+    return dedup_bos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
+def encode_completion(
+    tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True
+) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if add_eos and eos is not None and (not ids or ids[-1] != eos):
-        ids = [*ids, eos]
-    return ids
+    return with_eos(ids, tokenizer.eos_token_id) if add_eos else ids
 
 
 def truncate(
@@ -75,6 +88,9 @@ def truncate(
     out = TokenizedExample(prompt_ids=prompt, completion_ids=completions)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         out.prompt_ids = _cut(prompt, max_prompt_length, truncation_mode, has_bos)
+    if len(out.prompt_ids) >= max_length:
+        out.drop_reason = "prompt_fills_max_length"
+        return out
     longest = max(len(c) for c in completions)
     if len(out.prompt_ids) + longest > max_length:
         # The prompt keeps at least one token: the first completion token needs a context.
@@ -82,10 +98,7 @@ def truncate(
         budget = max(max_length - longest, floor)
         out.prompt_ids = _cut(out.prompt_ids, budget, truncation_mode, has_bos)
     out.truncated_prompt = len(out.prompt_ids) < len(prompt)
-    room = max_length - len(out.prompt_ids)
-    if room < 1:
-        out.drop_reason = "prompt_fills_max_length"
-        return out
+    room = max_length - len(out.prompt_ids)  # >= 1: the prompt is shorter than max_length
     out.completion_ids = [c[:room] for c in completions]
     out.truncated_completion = any(len(c) > room for c in completions)
     return out
@@ -104,4 +117,67 @@ def tokenize_example(
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
+    return truncate(
+        prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos
+    )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Length limits and truncation policy (``data.max_length`` ...), see the module docstring."""
+
+    max_length: int
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+    add_eos: bool = True
+
+
+def example_record(row_id: int, pairs: list[list[int]], ex: TokenizedExample) -> dict[str, Any]:
+    """One tokenised row as stored in the cached data set (``length``: longest padded row)."""
+    longest = max((len(c) for c in ex.completion_ids), default=0)
+    return {
+        "row_id": row_id,
+        "prompt_ids": ex.prompt_ids,
+        "completion_ids": ex.completion_ids,
+        "pairs": pairs,
+        "length": len(ex.prompt_ids) + longest,
+        "truncated_prompt": ex.truncated_prompt,
+        "truncated_completion": ex.truncated_completion,
+        "drop_reason": ex.drop_reason,
+        "notes": ex.notes,
+    }
+
+
+def tokenize_text_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, limits: Limits
+) -> dict[str, list]:
+    """``datasets.map(batched=True)`` function for string prompts / completions.
+
+    One tokenizer call for all prompts and one for all completions of the batch (the fast
+    tokenizer parallelises inside a call), then the per-row policy above.
+    """
+    prompts = tokenizer(batch["prompt"], add_special_tokens=True)["input_ids"]
+    flat = [c for cs in batch["completions"] for c in cs]
+    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out: dict[str, list] = {}
+    at = 0
+    for i, prompt_ids in enumerate(prompts):
+        k = len(batch["completions"][i])
+        comps = flat_ids[at : at + k]
+        at += k
+        if limits.add_eos:
+            comps = [with_eos(c, eos) for c in comps]
+        prompt_ids = dedup_bos(prompt_ids, bos)
+        has_bos = bool(prompt_ids) and prompt_ids[0] == bos
+        ex = truncate(
+            prompt_ids,
+            comps,
+            limits.max_length,
+            limits.max_prompt_length,
+            limits.truncation_mode,
+            has_bos,
+        )
+        for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
+            out.setdefault(key, []).append(value)
+    return out
