@@ -39,6 +39,6 @@ def test_prompt_that_fills_max_length_is_dropped_not_emptied():
     # with max_prompt_length below max_length it is cut (end kept) and the example survives
     ex = truncate(list(range(50)), [[1, 2]], max_length=10, max_prompt_length=6)
     assert ex.drop_reason is None and ex.prompt_ids == list(range(44, 50))
-    # max_length 1: the prompt keeps its one token and no room is left for any completion
-    ex = truncate(list(range(50)), [[1, 2]], max_length=1)
-    assert ex.drop_reason == "prompt_fills_max_length" and len(ex.prompt_ids) == 1
+    # cut to max_prompt_length == max_length, it still leaves no room: dropped, never emptied
+    ex = truncate(list(range(50)), [[1, 2]], max_length=4, max_prompt_length=4)
+    assert ex.drop_reason == "prompt_fills_max_length" and ex.completion_ids == [[1, 2]]
