@@ -53,6 +53,14 @@ class DPOModule(L.LightningModule):
             self.reference_model.eval()
         return self
 
+    # The reference strategy may need the trainer and data (a precomputed cache) or callbacks
+    # (a reference that follows the policy); it is asked, never inspected.
+    def setup(self, stage: str) -> None:
+        self.reference.prepare(self, self.trainer)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return self.reference.callbacks()
+
     def forward(self, batch: dict[str, Any]) -> CompletionStats:
         return concatenated_forward(
             self.policy, batch["input_ids"], batch["attention_mask"], batch["labels"]

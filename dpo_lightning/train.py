@@ -22,6 +22,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_lightning.adapters import build_lora, save_policy
 from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
@@ -44,7 +45,8 @@ def build_tokenizer(model_cfg: DictConfig):
 def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
     kwargs = OmegaConf.to_container(model_cfg, resolve=True)
     kwargs.pop("tokenizer", None)
-    return load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed)
+    lora = kwargs.pop("lora", None)
+    return build_lora(load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed), lora)
 
 
 def train(cfg: DictConfig) -> float | None:
@@ -96,7 +98,8 @@ def train(cfg: DictConfig) -> float | None:
         "export": str(export_dir),
     }
     if trainer.is_global_zero:
-        module.policy.save_pretrained(export_dir, safe_serialization=True)
+        merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
+        save_policy(module.policy, export_dir, merge_adapter=merge)
         tokenizer.save_pretrained(export_dir)
         summary["wall_seconds"] = time.perf_counter() - start
         write_summary(run_dir / "summary.json", summary)

@@ -1,0 +1,74 @@
+"""LoRA adapters via ``peft`` (``model.lora``), and exporting a LoRA policy.
+
+    dpo-train experiment=lora                              # LoRA policy, reference = adapter off
+    dpo-train reference=adapter model.lora='{r: 16, alpha: 32}' model.lora.merge_on_export=true
+
+The base weights are frozen and only the adapter trains; with ``reference=adapter`` the reference
+is the same model with the adapter disabled, so the base model is in memory once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def apply_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+    bias: str = "none",
+    use_rslora: bool = False,
+    modules_to_save: list[str] | None = None,
+    merge_on_export: bool = False,
+) -> nn.Module:
+    """Wrap a causal LM in a LoRA ``PeftModel`` (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+    Args:
+        model: a HF causal LM.
+        r: adapter rank.
+        alpha: LoRA α (the update is scaled by α / r, or α / √r with ``use_rslora``).
+        dropout: dropout on the adapter's input (0 keeps policy log-probs deterministic).
+        target_modules: module names to adapt, or ``"all-linear"``.
+        bias: ``none`` | ``all`` | ``lora_only``: which biases train.
+        use_rslora: rank-stabilised scaling.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a head).
+        merge_on_export: read by :func:`save_policy`, unused here.
+
+    The adapter's B matrix starts at zero, so the wrapped model computes exactly ``model``.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # optional dependency
+        raise ImportError("model.lora needs peft: pip install 'dpo-lightning[peft]'") from err
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules)
+        if not isinstance(target_modules, str)
+        else target_modules,
+        bias=bias,
+        use_rslora=use_rslora,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
+    """``model`` wrapped by :func:`apply_lora` when ``model.lora`` is set, else ``model`` itself."""
+    return apply_lora(model, **lora) if lora else model
+
+
+def save_policy(policy: nn.Module, path: str | Path, merge_adapter: bool = False) -> None:
+    """``save_pretrained`` the policy: a full model, or for a LoRA policy the PEFT adapter
+    (``adapter_config.json`` + weights), or with ``merge_adapter`` the base model with the adapter
+    merged in (a plain HF model; this merges in place, so call it last)."""
+    if merge_adapter and hasattr(policy, "merge_and_unload"):
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(path, safe_serialization=True)

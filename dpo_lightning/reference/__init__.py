@@ -1,0 +1,36 @@
+"""Where reference log-probs come from (``conf/reference/*.yaml``).
+
+==============  ====================  ==============================================================
+config name     class                 reference log-probs
+==============  ====================  ==============================================================
+copy            CopyReference         a frozen copy of the initial policy (default)
+none            NoReference           none: reference-free losses only (simpo, orpo, sft)
+precomputed     PrecomputedReference  one pass before training, cached on disk, looked up per batch
+adapter         AdapterReference      the LoRA policy with its adapter disabled (``model.lora``)
+sync            SyncReference         TR-DPO: a copy moved toward the policy every N steps
+==============  ====================  ==============================================================
+"""
+
+from dpo_lightning.reference.adapter import AdapterReference
+from dpo_lightning.reference.base import (
+    CopyReference,
+    NoReference,
+    ReferenceStrategy,
+    check_pairing,
+    frozen_copy,
+)
+from dpo_lightning.reference.precomputed import PrecomputedReference
+from dpo_lightning.reference.sync import ReferenceSync, SyncReference, soft_update
+
+__all__ = [
+    "AdapterReference",
+    "CopyReference",
+    "NoReference",
+    "PrecomputedReference",
+    "ReferenceStrategy",
+    "ReferenceSync",
+    "SyncReference",
+    "check_pairing",
+    "frozen_copy",
+    "soft_update",
+]

@@ -1,0 +1,75 @@
+"""TR-DPO: a reference that follows the policy (Gorbatovski et al. 2024, https://arxiv.org/abs/2404.09656).
+
+Every ``sync_steps`` optimizer steps the frozen copy is moved toward the policy,
+``θref ← α θ + (1 − α) θref`` (soft update, α < 1) or replaced by it (hard update, α = 1).
+TRL's equivalent: ``sync_ref_model=True``, ``ref_model_mixup_alpha``, ``ref_model_sync_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from dpo_lightning.reference.base import CopyReference
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, alpha: float) -> None:
+    """``target ← α · source + (1 − α) · target``, parameter by parameter (buffers copied)."""
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        t.lerp_(s.detach().to(t.dtype), alpha)
+    for t, s in zip(target.buffers(), source.buffers(), strict=True):
+        t.copy_(s)
+
+
+class SyncReference(CopyReference):
+    """A frozen copy of the policy, updated toward it every ``sync_steps`` steps (TR-DPO).
+
+    Unlike ``copy``, the reference changes during training, so it is kept in checkpoints.
+
+    Args:
+        alpha: α in (0, 1]: weight of the policy in the update (1 = hard update; TRL default 0.6).
+        sync_steps: N, optimizer steps between updates (TR-DPO τ; TRL default 512).
+    """
+
+    frozen_prefix = None  # the reference is state: checkpoint it
+
+    def __init__(self, alpha: float = 0.6, sync_steps: int = 512) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"reference.alpha must be in (0, 1], got {alpha}")
+        if sync_steps < 1:
+            raise ValueError(f"reference.sync_steps must be >= 1, got {sync_steps}")
+        self.alpha, self.sync_steps = alpha, sync_steps
+
+    def callbacks(self) -> list[L.Callback]:
+        return [ReferenceSync(self.alpha, self.sync_steps)]
+
+
+class ReferenceSync(L.Callback):
+    """Applies :func:`soft_update` to ``pl_module.reference_model`` every ``sync_steps`` steps."""
+
+    def __init__(self, alpha: float, sync_steps: int) -> None:
+        self.alpha, self.sync_steps = alpha, sync_steps
+        self.last_synced = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step  # optimizer steps: gradient accumulation is counted once
+        if step > self.last_synced and step % self.sync_steps == 0:
+            soft_update(pl_module.reference_model, pl_module.policy, self.alpha)
+            self.last_synced = step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_synced": self.last_synced}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_synced = state_dict["last_synced"]
