@@ -7,6 +7,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -14,7 +15,10 @@ from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.formats import InvalidRow, StandardFormat
 from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport, InvalidDataError
+from dpo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from dpo_lightning.data.tokenize import tokenize_example
+
+LOADER_COLUMNS = ["prompt_ids", "completion_ids", "pairs", "row_id"]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -139,15 +143,24 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # Seeded per epoch and stateful, so a run resumed mid-epoch sees the remaining batches.
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            self.train_set, self.batch_size, seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        return ResumableDataLoader(
+            self.train_set.select_columns(LOADER_COLUMNS), sampler, collate_fn=self.collator,
+            num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        cols = ["prompt_ids", "completion_ids", "pairs", "row_id"]
         return DataLoader(
-            ds.select_columns(cols),
+            ds.select_columns(LOADER_COLUMNS),
             batch_size=batch_size,
             shuffle=shuffle,
             collate_fn=self.collator,
