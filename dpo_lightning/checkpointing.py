@@ -30,6 +30,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,6 +96,43 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class RollingCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that, without a ``monitor``, keeps the ``keep_last`` newest checkpoints.
+
+    (Lightning only allows ``save_top_k`` in -1/0/1 without a monitored metric, and setting
+    ``monitor: step`` makes it postpone epoch-end saves to a validation that may never come.)
+    ``last.ckpt`` is kept in addition. With a ``monitor``, it is a plain ``ModelCheckpoint``.
+
+    Args:
+        keep_last: newest periodic checkpoints to keep (None: follow ``save_top_k``).
+        **kwargs: ``ModelCheckpoint`` arguments.
+    """
+
+    def __init__(self, keep_last: int | None = None, **kwargs: Any) -> None:
+        self.keep_last = keep_last if kwargs.get("monitor") is None else None
+        if self.keep_last is not None:
+            if self.keep_last < 1:
+                raise UserError(f"callbacks.checkpoint.keep_last must be >= 1, got {keep_last}")
+            kwargs["save_top_k"] = -1  # we prune ourselves
+        super().__init__(**kwargs)
+        self._kept: list[str] = []
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep_last is None or Path(filepath).stem == self.CHECKPOINT_NAME_LAST:
+            return
+        self._kept = [p for p in self._kept if p != filepath] + [filepath]
+        while len(self._kept) > self.keep_last:
+            self._remove_checkpoint(trainer, self._kept.pop(0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kept": list(self._kept)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._kept = list(state_dict.get("kept", []))
 
 
 # -- what a checkpoint must agree on -----------------------------------------------------------
