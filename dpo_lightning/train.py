@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.checkpointing import csv_histories
-from dpo_lightning.errors import report_errors
+from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
 from dpo_lightning.preflight import preflight
@@ -121,9 +121,15 @@ def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     with report_errors():  # known failures: one line on stderr, exit code 2
         return train(cfg)
+
+
+def main() -> None:
+    """``dpo-train``: bad overrides or an unusable run dir fail in one line, too."""
+    with hydra_errors(CONF_DIR):
+        hydra_main()
 
 
 if __name__ == "__main__":
