@@ -82,7 +82,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _maybe_fail_write(f: Any, checkpoint: dict[str, Any]) -> None:
     """Fault injection (tests): a full disk half-way through this write."""
-    if faults.planned("enospc") == checkpoint.get("global_step"):
+    step = faults.planned("enospc")
+    if step is not None and step == checkpoint.get("global_step"):
         f.write(b"\0" * 1024)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
