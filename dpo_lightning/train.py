@@ -24,8 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.adapters import build_lora, save_policy
 from dpo_lightning.callbacks import PairThroughput
+from dpo_lightning.checkpointing import csv_histories
+from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
+from dpo_lightning.preflight import preflight
+from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.tokenizer import load_tokenizer
 
@@ -52,6 +56,7 @@ def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
 def train(cfg: DictConfig) -> float | None:
     """Run one training job from a composed config; returns ``cfg.optimized_metric``'s value."""
     start = time.perf_counter()
+    resume = preflight(cfg)  # one-line failures before any tokenizing or model work
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
 
@@ -71,12 +76,16 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
     callbacks = [*(c for c in callbacks if c is not throughput), throughput]
+    callbacks += reliability_callbacks(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
+    histories = csv_histories(loggers, resume["global_step"]) if resume else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    for history in histories:  # a resumed run continues the metric history of the killed one
+        history.restore(loggers)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume["path"] if resume else None)
     train_metrics = scalar_metrics(trainer.callback_metrics, "train")
     trainer.validate(module, datamodule=datamodule, verbose=False)
     val_metrics = scalar_metrics(trainer.callback_metrics, "val")
@@ -96,6 +105,8 @@ def train(cfg: DictConfig) -> float | None:
         "data": datamodule.report(),
         "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None) if ckpt_cb else None,
         "export": str(export_dir),
+        "resumed_from": resume["path"] if resume else None,
+        "nonfinite_steps_skipped": nonfinite_skipped(callbacks),
     }
     if trainer.is_global_zero:
         merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
@@ -116,8 +127,15 @@ def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+def hydra_main(cfg: DictConfig) -> float | None:
+    with report_errors():  # known failures: one line on stderr, exit code 2
+        return train(cfg)
+
+
+def main() -> None:
+    """``dpo-train``: bad overrides or an unusable run dir fail in one line, too."""
+    with hydra_errors(CONF_DIR):
+        hydra_main()
 
 
 if __name__ == "__main__":

@@ -7,19 +7,19 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import datasets
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.formats import ImplicitPromptFormat, StandardFormat
 from dpo_lightning.data.ranked import RankedFormat
 from dpo_lightning.data.report import InvalidDataError
-from dpo_lightning.data.sampler import LengthGroupedBatchSampler
+from dpo_lightning.data.sampler import ResumableSampler
 from tests.conftest import REPO, compose, make_tiny_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -213,41 +213,36 @@ def test_best_vs_worst_keeps_two_rows_per_prompt(tokenizer, tmp_path):
     assert dm.report()[str(FIXTURES / "ultrafeedback.jsonl")]["notes"]["tied_pairs"] == 6
 
 
+def _chunks(indices, size):
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
 def test_length_grouped_batches_cover_every_row_with_less_padding():
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (203,), generator=gen).tolist()
-    sampler = LengthGroupedBatchSampler(
-        RandomSampler(range(203), generator=gen), 8, lengths=lengths, mega_batch_mult=10
-    )
-    batches = list(sampler)
-    assert (
-        sorted(i for b in batches for i in b) == list(range(203))
-        and len(batches) == len(sampler) == 26
-    )
+    sampler = ResumableSampler(range(203), 8, lengths=lengths, mega_batch_mult=10)
+    batches = _chunks(list(sampler), 8)
+    assert sorted(i for b in batches for i in b) == list(range(203)) and len(batches) == 26
+    assert all(len(b) == 8 for b in batches[:-1])  # the one short batch comes last
 
     def padding(bs):
         return sum(len(b) * max(lengths[i] for i in b) for b in bs) - sum(lengths)
 
-    plain = list(BatchSampler(RandomSampler(range(203), generator=gen), 8, drop_last=False))
+    plain = _chunks(list(ResumableSampler(range(203), 8)), 8)
     assert padding(batches) < 0.3 * padding(plain)
-    assert list(sampler) != batches  # a new order every epoch
+    sampler.set_epoch(1)
+    assert _chunks(list(sampler), 8) != batches  # a new order every epoch
 
 
-def test_length_grouping_survives_lightnings_distributed_sampler(tokenizer, tmp_path):
-    from lightning.fabric.utilities.data import _replace_dunder_methods
-    from lightning.pytorch.utilities.data import _update_dataloader
-
+def test_length_grouping_shards_across_ranks_without_gaps(tokenizer, tmp_path):
     dm = make_dm(tokenizer, tmp_path, batch_size=3, group_by_length=True, **IMDB)
     dm.setup("fit")
-    # What the Trainer does under DDP: build the loader in its patched context, inject a sampler.
-    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
-        loader = dm.train_dataloader()
     seen, counts = [], []
     for rank in range(2):
-        shard = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        ranked = _update_dataloader(loader, shard)
-        assert isinstance(ranked.batch_sampler, LengthGroupedBatchSampler)
-        batches = list(ranked.batch_sampler)
+        dm.trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        assert loader.sampler.lengths is not None and loader.sampler.num_replicas == 2
+        batches = list(loader.batch_sampler)
         counts.append(len(batches))
         seen += [i for b in batches for i in b]
     n = len(dm.train_set)

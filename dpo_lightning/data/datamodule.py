@@ -16,8 +16,7 @@ from typing import Any
 
 import datasets
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lightning.data.auto import AutoFormat, resolve_format
@@ -30,7 +29,8 @@ from dpo_lightning.data.cache import (
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport
-from dpo_lightning.data.sampler import LengthGroupedBatchSampler
+from dpo_lightning.data.resumable import ResumableDataLoader
+from dpo_lightning.data.sampler import ResumableSampler
 from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.data.validate import (
     JSON_SUFFIXES,
@@ -250,20 +250,23 @@ class PreferenceDataModule(L.LightningDataModule):
 
     # -- loaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        ds = self.train_set.select_columns(BATCH_COLUMNS)
-        if not self.group_by_length:
-            return self._loader(ds, self.batch_size, shuffle=True)
-        generator = torch.Generator().manual_seed(self.seed)
-        batch_sampler = LengthGroupedBatchSampler(
-            RandomSampler(ds, generator=generator),
-            batch_size=self.batch_size,
-            drop_last=False,
-            lengths=self.train_set["length"],
-            mega_batch_mult=self.group_mega_batch_mult,
+        # Seeded per epoch, sharded like DistributedSampler, optionally length-grouped, and
+        # stateful, so a run resumed mid-epoch sees exactly the remaining batches.
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            self.train_set,
+            self.batch_size,
             seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            lengths=self.train_set["length"] if self.group_by_length else None,
+            mega_batch_mult=self.group_mega_batch_mult,
         )
-        return DataLoader(
-            ds, batch_sampler=batch_sampler, collate_fn=self.collator, num_workers=self.num_workers
+        return ResumableDataLoader(
+            self.train_set.select_columns(BATCH_COLUMNS),
+            sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,140 @@
+"""User-facing failures: one readable line on stderr and a non-zero exit, never a traceback.
+
+Code that detects a mistake the user can fix raises :class:`UserError` (or a subclass) with a
+message that names the key, file or step and says what to do. :func:`report_errors` wraps the
+CLI and turns those, plus a few well-known exceptions (GPU out-of-memory, invalid data rows),
+into ``dpo-train: error: ...``. ``DPO_LIGHTNING_TRACEBACK=1`` re-raises instead (for debugging).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+EXIT_CODE = 2  # like argparse: the command was given something it cannot use
+
+# Config knobs that lower training memory, suggested when a GPU runs out of it.
+MEMORY_KNOBS = (
+    "data.batch_size (pairs per step; keep the global batch with trainer.accumulate_grad_batches)",
+    "data.max_length / data.max_prompt_length (tokens per row)",
+    "trainer.precision=bf16-mixed",
+    "model.dtype=bfloat16",
+    "trainer=ddp or an FSDP strategy (shard over more GPUs)",
+)
+
+
+class UserError(Exception):
+    """A problem with the config, inputs or environment that the user can fix."""
+
+
+def oom_message(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else "CUDA out of memory"
+    return f"out of GPU memory ({first[:160]}); lower memory with: " + "; ".join(MEMORY_KNOBS)
+
+
+def _invalid_data_error() -> type[Exception]:
+    from dpo_lightning.data.report import InvalidDataError
+
+    return InvalidDataError
+
+
+# Exception type -> message builder, for errors raised by libraries rather than by us.
+def _known() -> dict[type[BaseException], Callable[[BaseException], str]]:
+    return {
+        UserError: str,
+        torch.OutOfMemoryError: oom_message,
+        _invalid_data_error(): str,
+    }
+
+
+def one_line(err: BaseException) -> str | None:
+    """The user-facing message for ``err``, or ``None`` when it is a bug (keep the traceback)."""
+    for kind, message in _known().items():
+        if isinstance(err, kind):
+            return " | ".join(line.strip() for line in message(err).splitlines() if line.strip())
+    cause = err.__cause__ or err.__context__
+    return one_line(cause) if cause is not None and cause is not err else None
+
+
+@contextmanager
+def report_errors(prog: str = "dpo-train") -> Iterator[None]:
+    """Print known failures as ``<prog>: error: <message>`` and exit with :data:`EXIT_CODE`."""
+    try:
+        yield
+    except Exception as err:
+        message = one_line(err)
+        if message is None or os.environ.get("DPO_LIGHTNING_TRACEBACK") == "1":
+            raise
+        _exit(prog, message)
+
+
+def config_error_line(err: BaseException, config_dir: str, overrides: list[str]) -> str:
+    """One line for a Hydra composition error: Hydra's own words plus the valid choices."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    words = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if isinstance(err, MissingConfigException):
+        words = words.split(" Config search path:")[0].split(" Available options")[0]
+        if err.options:
+            return f"{words}; valid choices: {', '.join(sorted(err.options))}"
+        return words
+    cause = err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        parent, _, _ = str(cause.full_key).rpartition(".")
+        valid = _valid_keys(config_dir, parent, [o for o in overrides if not o.startswith(f"{cause.full_key}=")])
+        line = f"{str(err).splitlines()[0]} {str(cause).splitlines()[0]}"
+        return f"{line}; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else line
+    return words
+
+
+def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        return sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
+    except Exception:  # the valid keys are a courtesy: never mask the original error
+        return []
+
+
+@contextmanager
+def hydra_errors(config_dir: str, prog: str = "dpo-train") -> Iterator[None]:
+    """Around Hydra's entry: config-composition errors and unusable paths (e.g. the run
+    directory Hydra creates) as one line and :data:`EXIT_CODE`, not a stripped traceback."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    if os.environ.get("DPO_LIGHTNING_TRACEBACK") == "1" or "HYDRA_FULL_ERROR" in os.environ:
+        yield  # the user asked for tracebacks
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let Hydra raise instead of printing
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as err:
+        overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+        _exit(prog, config_error_line(err, config_dir, overrides))
+    except OSError as err:
+        if err.filename is None:
+            raise
+        _exit(
+            prog,
+            f"cannot use {err.filename}: {err.strerror}; check the path and its permissions "
+            "(the run directory is hydra.run.dir, or hydra.sweep.dir with --multirun)",
+        )
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]
+
+
+def _exit(prog: str, message: str) -> None:
+    sys.stdout.flush()
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_CODE)

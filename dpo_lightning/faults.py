@@ -1,0 +1,52 @@
+"""Deterministic fault injection for the reliability tests (inactive unless asked for).
+
+``DPO_LIGHTNING_FAULTS="kill@6,enospc@8,oom@2,nan@3"`` makes a run, at the given optimizer step:
+
+- ``kill@N``: SIGKILL itself at the start of the batch after step N (a crash: nothing flushed);
+- ``enospc@N``: fail the checkpoint written after step N with ``OSError(ENOSPC)`` half-way
+  through the write (a full disk);
+- ``oom@N``: raise ``torch.OutOfMemoryError`` in the batch after step N (as CUDA would);
+- ``nan@N``: make the gradients of the batch after step N NaN (a diverged step).
+
+Timing-based kills are flaky; these land at the same point on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import lightning as L
+import torch
+
+ENV = "DPO_LIGHTNING_FAULTS"
+
+
+def planned(kind: str) -> int | None:
+    """The step at which fault ``kind`` is planned, or None."""
+    for item in os.environ.get(ENV, "").split(","):
+        name, _, step = item.strip().partition("@")
+        if name == kind and step:
+            return int(step)
+    return None
+
+
+class FaultInjector(L.Callback):
+    """Fires the planned ``kill`` / ``oom`` / ``nan`` faults (see module docstring)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if planned("kill") == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if planned("oom") == step:
+            raise torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB (injected by DPO_LIGHTNING_FAULTS)"
+            )
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if planned("nan") == trainer.global_step:
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                    break

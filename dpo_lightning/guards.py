@@ -1,0 +1,92 @@
+"""Non-finite guard: a NaN/inf loss or gradient never reaches the optimizer.
+
+Checked in ``on_before_optimizer_step`` (after backward, before clipping and the step), so one bad
+batch cannot write NaN into the policy or the optimizer's moments. Policy ``train.on_nonfinite``:
+
+- ``stop``: raise :class:`NonFiniteError` naming the step and the batch's source rows;
+- ``skip``: drop the gradients (the optimizer skips parameters without one), count the step in
+  ``skipped`` (reported in ``summary.json`` as ``nonfinite_steps_skipped``) and go on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dpo_lightning.errors import UserError
+
+POLICIES = ("skip", "stop")
+
+
+class NonFiniteError(UserError):
+    """Training produced a non-finite loss or gradient under ``train.on_nonfinite=stop``."""
+
+
+def first_nonfinite(loss: Tensor | None, params: list[torch.nn.Parameter]) -> str | None:
+    """``"loss"``, ``"gradient of <i>-th parameter"`` or None when everything is finite."""
+    if loss is not None and not torch.isfinite(loss.detach()).all():
+        return f"loss ({loss.detach().float().mean().item()})"
+    for i, p in enumerate(params):
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return f"gradient (parameter #{i}, shape {tuple(p.shape)})"
+    return None
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips or stops on a non-finite loss / gradient (see module docstring).
+
+    Args:
+        on_nonfinite: ``skip`` or ``stop``.
+    """
+
+    def __init__(self, on_nonfinite: str = "stop") -> None:
+        if on_nonfinite not in POLICIES:
+            raise UserError(f"train.on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.skipped = 0
+        self._loss: Tensor | None = None
+        self._rows: list[int] = []
+        self._batch_idx = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        rows = batch.get("pair_row_ids") if isinstance(batch, dict) else None
+        self._rows = [] if rows is None else sorted(set(torch.as_tensor(rows).tolist()))
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        self._loss = loss
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        bad = first_nonfinite(self._loss, params)
+        self._loss = None
+        if bad is None:
+            return
+        where = (
+            f"non-finite {bad} at step {trainer.global_step + 1} (epoch {trainer.current_epoch}, "
+            f"batch {self._batch_idx}), data rows {_short(self._rows)}"
+        )
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"{where}; check those rows, lower optim.optimizer.lr, or set "
+                "train.on_nonfinite=skip to skip such steps"
+            )
+        self.skipped += 1
+        optimizer.zero_grad(set_to_none=True)  # no grad -> the optimizer leaves the parameter alone
+        print(f"[dpo_lightning] skipped optimizer step: {where} (skipped so far: {self.skipped})")
+        pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, reduce_fx="max")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = state_dict["skipped"]
+
+
+def _short(rows: list[int], limit: int = 16) -> str:
+    shown = ", ".join(map(str, rows[:limit]))
+    return f"[{shown}{', ...' if len(rows) > limit else ''}]"
+

@@ -1,0 +1,37 @@
+"""Wiring of the reliability pieces into ``train()``: callbacks, resume and checkpoint I/O."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig
+
+from dpo_lightning.checkpointing import AtomicCheckpointIO, ResumeState, run_config
+from dpo_lightning.faults import FaultInjector
+from dpo_lightning.guards import NonFiniteGuard
+
+
+class AtomicCheckpoints(L.Callback):
+    """Installs :class:`AtomicCheckpointIO` on strategies that use plain ``torch.save``
+    (sharded strategies keep their own distributed checkpoint I/O)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Callbacks every run gets: atomic checkpoints, resume state, non-finite guard, faults."""
+    train_cfg = cfg.get("train") or {}
+    return [
+        AtomicCheckpoints(),
+        ResumeState(run_config(cfg)),
+        NonFiniteGuard(train_cfg.get("on_nonfinite", "stop")),
+        FaultInjector(),
+    ]
+
+
+def nonfinite_skipped(callbacks: list[Any]) -> int:
+    return sum(c.skipped for c in callbacks if isinstance(c, NonFiniteGuard))

@@ -1,0 +1,114 @@
+"""Exact resume: a run SIGKILLed after a checkpoint and resumed equals an uninterrupted run.
+
+Tiny model, 57 training pairs in batches of 8 (8 batches per epoch), 12 steps, a checkpoint
+every 4 steps, validation every 6. ``DPO_LIGHTNING_FAULTS=kill@N`` makes the run SIGKILL itself
+at the start of the batch after step N (deterministic, unlike a timed kill).
+"""
+
+from __future__ import annotations
+
+import csv
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+ARGS = [
+    "data.generator.n=60", "data.batch_size=8", "trainer.max_steps=12",
+    "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=4", "callbacks.progress_bar=null",
+    "+logger.csv.flush_logs_every_n_steps=1",  # the killed run leaves rows after its checkpoint
+]
+ENV = {"OMP_NUM_THREADS": "1"}
+# Wall-clock rates differ between any two runs; everything else must match exactly.
+TIMING = ("train/pairs_per_sec", "train/tokens_per_sec")
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run_cli([f"hydra.run.dir={run_dir}", *ARGS], run_dir, env=ENV)
+    return run_dir
+
+
+def _killed_then_resumed(tmp_path: Path, kill_at: int) -> Path:
+    run_dir = tmp_path / "run"
+    killed = run_cli([f"hydra.run.dir={run_dir}", *ARGS], tmp_path, check=False,
+                     env={**ENV, "DPO_LIGHTNING_FAULTS": f"kill@{kill_at}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (run_dir / "summary.json").exists()
+    run_cli([f"hydra.run.dir={run_dir}", *ARGS, "resume=true"], tmp_path, env=ENV)
+    return run_dir
+
+
+def _assert_same_run(resumed: Path, uninterrupted: Path) -> None:
+    a, b = _weights(uninterrupted), _weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after resume"
+    rows_a, rows_b = _metrics(uninterrupted), _metrics(resumed)
+    steps = [int(r["step"]) for r in rows_b if r.get("train/loss")]
+    assert steps == list(range(12)), "every training step logged exactly once"
+    assert rows_b == rows_a
+
+
+def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    # Last checkpoint: step 4, half-way through epoch 0; killed during step 7.
+    run_dir = _killed_then_resumed(tmp_path, kill_at=6)
+    _assert_same_run(run_dir, uninterrupted)
+    # keep_last=2: step8 and step12 remain (step4 pruned), plus last.ckpt.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
+        "last.ckpt", "step12.ckpt", "step8.ckpt"
+    ]
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"].endswith("last.ckpt")
+    assert summary["steps"] == 12
+
+
+@pytest.mark.slow
+def test_kill_after_epoch_boundary_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    # Last checkpoint: step 8 = the end of epoch 0; killed in epoch 1.
+    _assert_same_run(_killed_then_resumed(tmp_path, kill_at=10), uninterrupted)
+
+
+def test_checkpoint_holds_training_state_not_the_reference(uninterrupted):
+    ckpt = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
+    assert state and not any(k.startswith("reference_model.") for k in state)
+    assert any(k.startswith("policy.") for k in state)
+    assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
+    assert ckpt["global_step"] == 12
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 2, "batches": 0}]
+    meta = ckpt["dpo_lightning"]
+    assert set(meta["rng"]) >= {"python", "numpy", "torch"} and meta["version"]
+
+
+def test_resume_with_changed_config_fails_in_one_line(tmp_path, uninterrupted):
+    proc = run_cli([f"hydra.run.dir={uninterrupted}", *ARGS, "resume=true", "loss.beta=0.5"],
+                   tmp_path, check=False, env=ENV)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpo-train: error: checkpoint ") and "loss.beta: 0.1 -> 0.5" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_without_checkpoint_fails_in_one_line(tmp_path):
+    proc = run_cli([f"hydra.run.dir={tmp_path / 'fresh'}", "resume=true"], tmp_path, check=False, env=ENV)
+    assert proc.returncode == 2
+    assert "resume=true but" in proc.stderr and "last.ckpt does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
