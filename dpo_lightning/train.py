@@ -25,7 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
+from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
+from dpo_lightning.sweeps import run_job
 from dpo_lightning.tokenizer import load_tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -77,15 +79,18 @@ def train(cfg: DictConfig) -> float | None:
     val_metrics = scalar_metrics(trainer.callback_metrics, "val")
 
     export_dir = run_dir / "hf_model"
+    # Counts are per rank: sum them (collective, like the FSDP2 gather of the full weights).
+    total_pairs, total_tokens = sum_over_ranks(trainer, throughput.total_pairs, throughput.total_tokens)
+    policy_state = full_policy_state_dict(module)
     ckpt_cb = trainer.checkpoint_callback
     summary = {
         "run_dir": str(run_dir),
         "steps": trainer.global_step,
         "train": train_metrics,
         "val": val_metrics,
-        "pairs_per_sec": throughput.total_pairs / max(throughput.train_seconds, 1e-9),
-        "tokens_per_sec": throughput.total_tokens / max(throughput.train_seconds, 1e-9),
-        "pairs_trained": throughput.total_pairs,
+        "pairs_per_sec": total_pairs / max(throughput.train_seconds, 1e-9),
+        "tokens_per_sec": total_tokens / max(throughput.train_seconds, 1e-9),
+        "pairs_trained": total_pairs,
         "wall_seconds": time.perf_counter() - start,
         "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
         "data": datamodule.report(),
@@ -93,7 +98,7 @@ def train(cfg: DictConfig) -> float | None:
         "export": str(export_dir),
     }
     if trainer.is_global_zero:
-        module.policy.save_pretrained(export_dir, safe_serialization=True)
+        module.policy.save_pretrained(export_dir, safe_serialization=True, state_dict=policy_state)
         tokenizer.save_pretrained(export_dir)
         summary["wall_seconds"] = time.perf_counter() - start
         write_summary(run_dir / "summary.json", summary)
@@ -111,7 +116,7 @@ def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    return run_job(train, cfg)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.formats import InvalidRow, StandardFormat
 from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport, InvalidDataError
+from dpo_lightning.data.sampler import EpochSeededSampler
 from dpo_lightning.data.tokenize import tokenize_example
 
 
@@ -146,10 +147,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         cols = ["prompt_ids", "completion_ids", "pairs", "row_id"]
+        # Same order as Lightning's DistributedSampler: results do not depend on the device count.
+        sampler = EpochSeededSampler(ds, self.seed) if shuffle else None
         return DataLoader(
             ds.select_columns(cols),
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             drop_last=False,
