@@ -57,7 +57,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            **kwargs,
         )
         self.param_dtype = param_dtype
         self.reduce_dtype = reduce_dtype
@@ -87,10 +89,13 @@ def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any]) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(
-        param_dtype=DTYPES.get(settings["param_dtype"]), reduce_dtype=DTYPES.get(settings["reduce_dtype"])
+        param_dtype=DTYPES.get(settings["param_dtype"]),
+        reduce_dtype=DTYPES.get(settings["reduce_dtype"]),
     )
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"])
+        fully_shard(
+            layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"]
+        )
     # The root's parameters (embeddings, tied LM head) are needed right after the last layer's
     # forward, so it is not resharded after forward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
@@ -111,7 +116,9 @@ def apply_parallelism(module: L.LightningModule) -> None:
         "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
     }
     if getattr(strategy, "activation_checkpointing", False):
-        module.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.policy.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     mesh = module.device_mesh["data_parallel"]
     shard_model(module.policy, mesh, settings)
     reference = getattr(module, "reference_model", None)
@@ -134,10 +141,24 @@ def full_policy_state_dict(module: L.LightningModule) -> dict[str, torch.Tensor]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(module.policy, options=options)
+    state = get_model_state_dict(module.policy, options=options)
+    # The gather returns tied weights (embeddings = LM head) as separate tensors; keep the first
+    # name of each parameter, as the model's own state dict / save_pretrained would.
+    return {k: v for k, v in state.items() if k not in tied_duplicates(module.policy)}
+
+
+def tied_duplicates(model: nn.Module) -> set[str]:
+    """Names of parameters that are another, earlier-named parameter (weight tying)."""
+    seen: set[int] = set()
+    dups = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            dups.add(name)
+        seen.add(id(param))
+    return dups
 
 
 def sum_over_ranks(trainer: L.Trainer, *counts: int) -> list[int]:
     """Per-rank counts summed over all ranks (collective; identity on one process)."""
     total = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64), reduce_op="sum")
-    return [int(round(v)) for v in total.tolist()]
+    return [round(v) for v in total.tolist()]

@@ -50,7 +50,9 @@ class PairIdRecorder(L.Callback):
         self.dirpath = Path(dirpath)
         self.batches: list[list[int]] = []
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.batches.append([int(i) for i in batch["pair_row_ids"].tolist()])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

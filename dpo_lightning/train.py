@@ -80,7 +80,7 @@ def train(cfg: DictConfig) -> float | None:
 
     export_dir = run_dir / "hf_model"
     # Counts are per rank: sum them (collective, like the FSDP2 gather of the full weights).
-    total_pairs, total_tokens = sum_over_ranks(trainer, throughput.total_pairs, throughput.total_tokens)
+    pairs, tokens = sum_over_ranks(trainer, throughput.total_pairs, throughput.total_tokens)
     policy_state = full_policy_state_dict(module)
     ckpt_cb = trainer.checkpoint_callback
     summary = {
@@ -88,9 +88,9 @@ def train(cfg: DictConfig) -> float | None:
         "steps": trainer.global_step,
         "train": train_metrics,
         "val": val_metrics,
-        "pairs_per_sec": total_pairs / max(throughput.train_seconds, 1e-9),
-        "tokens_per_sec": total_tokens / max(throughput.train_seconds, 1e-9),
-        "pairs_trained": total_pairs,
+        "pairs_per_sec": pairs / max(throughput.train_seconds, 1e-9),
+        "tokens_per_sec": tokens / max(throughput.train_seconds, 1e-9),
+        "pairs_trained": pairs,
         "wall_seconds": time.perf_counter() - start,
         "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
         "data": datamodule.report(),
