@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
+import time
 from collections.abc import Callable
 
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +24,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 log = logging.getLogger("dpo_lightning")
+
+#: Set once by the launching process and inherited by every job it starts (DDP ranks, submitit
+#: subprocesses, SLURM jobs export the environment): the W&B group and sweep dir of one
+#: invocation. ``${now:}`` cannot do this: each submitit job resolves it again, seconds apart.
+LAUNCH_ID_ENV = "DPO_LIGHTNING_LAUNCH_ID"
+
+
+def mark_launch() -> str:
+    """The launch id (a timestamp), created by the first process of an invocation."""
+    return os.environ.setdefault(LAUNCH_ID_ENV, time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
 def is_multirun() -> bool:

@@ -27,10 +27,11 @@ from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
 from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
-from dpo_lightning.sweeps import run_job
+from dpo_lightning.sweeps import mark_launch, run_job
 from dpo_lightning.tokenizer import load_tokenizer
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+mark_launch()  # before Hydra starts: shared by all jobs of this invocation (W&B group)
 
 
 def build_tokenizer(model_cfg: DictConfig):
