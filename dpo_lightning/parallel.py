@@ -11,8 +11,9 @@ afterwards from the policy's (now DTensor) parameters only, so the reference is 
     dpo-train trainer=fsdp_cpu                               # 2 CPU processes (gloo), CI
     dpo-train trainer=fsdp trainer.strategy.activation_checkpointing=true
 
-Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``); the
-``hf_model/`` export is re-assembled from the shards by :func:`full_policy_state_dict`.
+Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) and hold the
+reference too; the ``hf_model/`` export is re-assembled from the shards by
+:func:`full_policy_state_dict`.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ def apply_parallelism(module: L.LightningModule) -> None:
     reference = getattr(module, "reference_model", None)
     if reference is not None:
         shard_model(reference, mesh, settings)
+        # A sharded checkpoint is loaded key by key into the live module (DCP has no partial
+        # load through Lightning), so the frozen reference must be saved with it (sharded too).
+        module.reference.frozen_prefix = None
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -132,3 +132,19 @@ def test_fsdp2_bf16_compute_fp32_master_weights(tokenizer, one_rank_group):
     assert out.dtype == torch.bfloat16
     model.reshard()  # the root keeps its gathered (bf16) params until backward; free them
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_apply_parallelism_shards_policy_and_frozen_reference(tokenizer, one_rank_group):
+    from dpo_lightning.reference import CopyReference
+
+    strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
+    module = SimpleNamespace(policy=make_tiny_model(len(tokenizer)), reference=CopyReference())
+    module.reference.attach(module)
+    module._trainer = module.trainer = SimpleNamespace(strategy=strategy)
+    module.device_mesh = {"data_parallel": one_rank_group}
+    apply_parallelism(module)
+    assert is_sharded(module.policy) and is_sharded(module.reference_model)
+    assert not any(p.requires_grad for p in module.reference_model.parameters())
+    assert module.policy.is_gradient_checkpointing
+    assert module.reference.frozen_prefix is None  # sharded checkpoints keep the reference
+    assert CopyReference.frozen_prefix == "reference_model."  # other runs are unaffected

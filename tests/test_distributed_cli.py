@@ -104,3 +104,30 @@ def test_two_processes_match_one_process_with_twice_the_batch(preset, single, tm
 
     model = AutoModelForCausalLM.from_pretrained(multi / "hf_model")
     assert model(torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size
+
+
+def test_fsdp2_sharded_checkpoint_resumes_with_activation_checkpointing(tmp_path):
+    """Sharded checkpoint (one file per rank, reference included), then resume from it."""
+    args = [
+        "trainer=fsdp_cpu",
+        "debug=fast",
+        "data.generator.n=200",
+        "data.batch_size=4",
+        "callbacks.progress_bar=null",
+        "trainer.strategy.activation_checkpointing=true",
+    ]
+    first = tmp_path / "first"
+    run_cli(
+        [f"hydra.run.dir={first}", *args, "trainer.max_steps=2"], tmp_path, timeout=400, env=ENV
+    )
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
+    resumed = tmp_path / "resumed"
+    proc = run_cli(
+        [f"hydra.run.dir={resumed}", *args, "trainer.max_steps=3", f"ckpt_path={ckpt}"],
+        tmp_path,
+        timeout=400,
+        env=ENV,
+    )
+    assert "Restored all states" in proc.stdout + proc.stderr
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 3
