@@ -65,10 +65,13 @@ def build_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
     return apply_lora(model, **lora) if lora else model
 
 
-def save_policy(policy: nn.Module, path: str | Path, merge_adapter: bool = False) -> None:
+def save_policy(
+    policy: nn.Module, path: str | Path, merge_adapter: bool = False, state_dict: dict | None = None
+) -> None:
     """``save_pretrained`` the policy: a full model, or for a LoRA policy the PEFT adapter
     (``adapter_config.json`` + weights), or with ``merge_adapter`` the base model with the adapter
-    merged in (a plain HF model; this merges in place, so call it last)."""
+    merged in (a plain HF model; this merges in place, so call it last). ``state_dict``: the full
+    weights gathered from shards (FSDP2), or None to use the model's own."""
     if merge_adapter and hasattr(policy, "merge_and_unload"):
         policy = policy.merge_and_unload()
-    policy.save_pretrained(path, safe_serialization=True)
+    policy.save_pretrained(path, safe_serialization=True, state_dict=state_dict)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from dpo_lightning.logps import CompletionStats, concatenated_forward
 from dpo_lightning.losses import PreferenceLoss
 from dpo_lightning.metrics import preference_metrics
+from dpo_lightning.parallel import apply_parallelism
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
 
 
@@ -60,6 +61,10 @@ class DPOModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
+
+    # FSDP2 (trainer=fsdp): shards policy and reference; a no-op under other strategies.
+    def configure_model(self) -> None:
+        apply_parallelism(self)
 
     def forward(self, batch: dict[str, Any]) -> CompletionStats:
         return concatenated_forward(

@@ -30,13 +30,16 @@ from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
 from dpo_lightning.preflight import preflight
 from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
+from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
+from dpo_lightning.sweeps import mark_launch, run_job
 from dpo_lightning.tokenizer import load_tokenizer
 
 # The frozen reference is in eval mode on purpose; Lightning warns about it at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+mark_launch()  # before Hydra starts: shared by all jobs of this invocation (W&B group)
 
 
 def build_tokenizer(model_cfg: DictConfig):
@@ -91,15 +94,18 @@ def train(cfg: DictConfig) -> float | None:
     val_metrics = scalar_metrics(trainer.callback_metrics, "val")
 
     export_dir = run_dir / "hf_model"
+    # Counts are per rank: sum them (collective, like the FSDP2 gather of the full weights).
+    pairs, tokens = sum_over_ranks(trainer, throughput.total_pairs, throughput.total_tokens)
+    policy_state = full_policy_state_dict(module)
     ckpt_cb = trainer.checkpoint_callback
     summary = {
         "run_dir": str(run_dir),
         "steps": trainer.global_step,
         "train": train_metrics,
         "val": val_metrics,
-        "pairs_per_sec": throughput.total_pairs / max(throughput.train_seconds, 1e-9),
-        "tokens_per_sec": throughput.total_tokens / max(throughput.train_seconds, 1e-9),
-        "pairs_trained": throughput.total_pairs,
+        "pairs_per_sec": pairs / max(throughput.train_seconds, 1e-9),
+        "tokens_per_sec": tokens / max(throughput.train_seconds, 1e-9),
+        "pairs_trained": pairs,
         "wall_seconds": time.perf_counter() - start,
         "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
         "data": datamodule.report(),
@@ -110,7 +116,7 @@ def train(cfg: DictConfig) -> float | None:
     }
     if trainer.is_global_zero:
         merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
-        save_policy(module.policy, export_dir, merge_adapter=merge)
+        save_policy(module.policy, export_dir, merge_adapter=merge, state_dict=policy_state)
         tokenizer.save_pretrained(export_dir)
         summary["wall_seconds"] = time.perf_counter() - start
         write_summary(run_dir / "summary.json", summary)
@@ -129,7 +135,7 @@ def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     with report_errors():  # known failures: one line on stderr, exit code 2
-        return train(cfg)
+        return run_job(train, cfg)
 
 
 def main() -> None:

@@ -1,0 +1,168 @@
+"""FSDP2 for DPO: shard the policy *and* the frozen reference per decoder layer.
+
+Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` sets up the process
+group and a device mesh, then calls ``LightningModule.configure_model``; there
+:func:`apply_parallelism` calls ``torch.distributed.fsdp.fully_shard`` on every decoder layer and
+then on the whole model, for ``module.policy`` and ``module.reference_model`` alike
+(https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). The optimizer is built
+afterwards from the policy's (now DTensor) parameters only, so the reference is never in it.
+
+    dpo-train trainer=fsdp trainer.devices=8                 # bf16 params, fp32 gradient reduce
+    dpo-train trainer=fsdp_cpu                               # 2 CPU processes (gloo), CI
+    dpo-train trainer=fsdp trainer.strategy.activation_checkpointing=true
+
+Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) and hold the
+reference too; the ``hf_model/`` export is re-assembled from the shards by
+:func:`full_policy_state_dict`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from dpo_lightning.models import DTYPES
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` for pure FSDP2 (data parallel over every rank) plus our knobs.
+
+    Args:
+        param_dtype: dtype of the unsharded parameters used in forward/backward (``bfloat16``);
+            ``None`` keeps the stored dtype. The sharded master weights stay in their dtype.
+        reduce_dtype: dtype of the gradient reduce-scatter (``float32`` keeps the sum exact-ish).
+        reshard_after_forward: free the gathered parameters after forward (ZeRO-3-like memory);
+            ``False`` keeps them until backward (ZeRO-2-like, faster, more memory).
+        activation_checkpointing: recompute policy activations in backward (HF's non-reentrant
+            gradient checkpointing), trading compute for memory.
+        **kwargs: :class:`ModelParallelStrategy` arguments (``save_distributed_checkpoint``,
+            ``process_group_backend``, ``timeout``, ``data_parallel_size``, ...).
+
+    ``data_parallel_size`` defaults to the world size and ``tensor_parallel_size`` to 1 (the
+    parent class defaults to tensor parallelism within a node, which HF models do not declare).
+    """
+
+    def __init__(
+        self,
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+        reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        tensor_parallel_size: int | Literal["auto"] = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            **kwargs,
+        )
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+        self.reshard_after_forward = reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: HF names their classes in ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} declares no decoder-layer class (_no_split_modules); "
+            "FSDP2 needs one to shard per layer"
+        )
+    return layers
+
+
+def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any]) -> None:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(
+        param_dtype=DTYPES.get(settings["param_dtype"]),
+        reduce_dtype=DTYPES.get(settings["reduce_dtype"]),
+    )
+    for layer in decoder_layers(model):
+        fully_shard(
+            layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"]
+        )
+    # The root's parameters (embeddings, tied LM head) are needed right after the last layer's
+    # forward, so it is not resharded after forward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+
+
+def apply_parallelism(module: L.LightningModule) -> None:
+    """``configure_model`` body: shard policy and reference under a ``ModelParallelStrategy``.
+
+    A no-op under every other strategy (DDP, DeepSpeed, single device) and when called again
+    (Lightning calls ``configure_model`` for every ``fit``/``validate``).
+    """
+    strategy = module.trainer.strategy if module._trainer is not None else None
+    if not isinstance(strategy, ModelParallelStrategy) or is_sharded(module.policy):
+        return
+    settings = {
+        "param_dtype": getattr(strategy, "param_dtype", None),
+        "reduce_dtype": getattr(strategy, "reduce_dtype", None),
+        "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
+    }
+    if getattr(strategy, "activation_checkpointing", False):
+        module.policy.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    mesh = module.device_mesh["data_parallel"]
+    shard_model(module.policy, mesh, settings)
+    reference = getattr(module, "reference_model", None)
+    if reference is not None:
+        shard_model(reference, mesh, settings)
+        # A sharded checkpoint is loaded key by key into the live module (DCP has no partial
+        # load through Lightning), so the frozen reference must be saved with it (sharded too).
+        module.reference.frozen_prefix = None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_policy_state_dict(module: L.LightningModule) -> dict[str, torch.Tensor] | None:
+    """The policy's full state dict on CPU when it is sharded (else ``None``: use the model's).
+
+    Collective: every rank must call it (each contributes its shards); only rank 0 gets the
+    tensors, the others an empty dict.
+    """
+    if not is_sharded(module.policy):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(module.policy, options=options)
+    # The gather returns tied weights (embeddings = LM head) as separate tensors; keep the first
+    # name of each parameter, as the model's own state dict / save_pretrained would.
+    return {k: v for k, v in state.items() if k not in tied_duplicates(module.policy)}
+
+
+def tied_duplicates(model: nn.Module) -> set[str]:
+    """Names of parameters that are another, earlier-named parameter (weight tying)."""
+    seen: set[int] = set()
+    dups = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            dups.add(name)
+        seen.add(id(param))
+    return dups
+
+
+def sum_over_ranks(trainer: L.Trainer, *counts: int) -> list[int]:
+    """Per-rank counts summed over all ranks (collective; identity on one process)."""
+    total = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64), reduce_op="sum")
+    return [round(v) for v in total.tolist()]
