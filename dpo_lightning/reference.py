@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from dpo_lightning.logps import CompletionStats, concatenated_forward
+from dpo_lightning.logps import CompletionStats
 
 
 class ReferenceStrategy:
@@ -40,9 +40,8 @@ class CopyReference(ReferenceStrategy):
 
     @torch.no_grad()
     def completion_logps(self, module: nn.Module, batch: dict) -> CompletionStats:
-        return concatenated_forward(
-            module.reference_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        # The module's engine: the reference reads the same (possibly packed) batch layout.
+        return module.engine(module.reference_model, batch)
 
 
 class NoReference(ReferenceStrategy):
