@@ -75,7 +75,7 @@ class PaddedEngine(ForwardEngine):
 
 
 class PackedEngine(ForwardEngine):
-    """Padding-free packing, prefix sharing and chunked log-probs (see :mod:`dpo_lightning.packing`).
+    """Padding-free packing, prefix sharing, chunked log-probs (:mod:`dpo_lightning.packing`).
 
     Args:
         prefix_sharing: prompt computed once per example, its K completions branching off it.
@@ -83,7 +83,7 @@ class PackedEngine(ForwardEngine):
             completion tokens at once (still never the prompt's).
         pad_to_multiple_of: round the packed row up (e.g. 128, FlexAttention's block size).
         attn_implementation: switch the models to this attention (``flex_attention`` on GPU:
-            block-sparse over documents); ``None`` keeps the model's (``sdpa`` gets a dense 4D mask).
+            block-sparse over documents); ``None`` keeps the model's (``sdpa``: dense 4D mask).
         compile, group_by_length: see :class:`ForwardEngine`.
     """
 

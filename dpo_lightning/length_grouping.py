@@ -59,7 +59,7 @@ def example_lengths(dataset: Any) -> list[int]:
     """Tokens per example of a tokenized preference data set (prompt + every completion)."""
     return [
         len(p) + sum(len(c) for c in comps)
-        for p, comps in zip(dataset["prompt_ids"], dataset["completion_ids"])
+        for p, comps in zip(dataset["prompt_ids"], dataset["completion_ids"], strict=True)
     ]
 
 

@@ -138,9 +138,10 @@ class _Row:
 
 
 def packed_mask_mod(doc_ids: Tensor, branch_ids: Tensor) -> Callable[..., Tensor]:
-    """FlexAttention ``mask_mod(b, h, q, kv) -> bool``: same document, causal, prompt or own branch."""
+    """FlexAttention ``mask_mod(b, h, q, kv) -> bool``: same document, causal, and the key in the
+    prompt or in the query's own completion."""
 
-    def mask_mod(b, h, q, kv):  # noqa: ARG001 - FlexAttention's signature
+    def mask_mod(b, h, q, kv):
         same_doc = doc_ids[q] == doc_ids[kv]
         visible = (branch_ids[kv] == 0) | (branch_ids[kv] == branch_ids[q])
         return same_doc & visible & (kv <= q)
@@ -148,7 +149,7 @@ def packed_mask_mod(doc_ids: Tensor, branch_ids: Tensor) -> Callable[..., Tensor
     return mask_mod
 
 
-def dense_bool_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> Tensor:  # noqa: ARG001
+def dense_bool_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> Tensor:
     """(1, 1, N, N) bool mask, True = attend: for SDPA (CPU fallback; O(N²) memory)."""
     idx = torch.arange(doc_ids.shape[0], device=doc_ids.device)
     return packed_mask_mod(doc_ids, branch_ids)(None, None, idx[:, None], idx[None, :])[None, None]
@@ -162,7 +163,7 @@ def dense_additive_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype)
     )
 
 
-def flex_block_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype):  # noqa: ARG001
+def flex_block_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype):
     """A FlexAttention ``BlockMask``: blocks that are fully masked (other documents, the
     chosen↔rejected cross blocks) are skipped, so attention costs ~Σ_doc L_doc², not N²."""
     from torch.nn.attention.flex_attention import create_block_mask

@@ -133,7 +133,7 @@ def test_chunked_head_grads_match_full_logits():
     got = linear_token_logps(h, head.weight, head.bias, t, chunk_size=4)
     gg = torch.autograd.grad((got * g).sum(), [h, head.weight, head.bias])
     torch.testing.assert_close(got, want.float())
-    for a, b in zip(gg, gw):  # the head computes in fp32, whatever the input dtype
+    for a, b in zip(gg, gw, strict=True):  # the head computes in fp32, whatever the input dtype
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
