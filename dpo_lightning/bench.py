@@ -11,9 +11,9 @@ on GPU, fp32 on CPU. The ``dpo_lightning`` engine is what users run: :class:`Pre
 (tokenising the same text rows TRL gets), :class:`DPOModule` and Lightning's ``Trainer``.
 
 Each engine runs in its own subprocess (clean peak memory, no shared allocator state) and prints
-one JSON line; a last line gives the ratio. Step time = wall time between consecutive step ends
-(data loading, collation, forward, backward, optimizer, logging: everything), median over the timed
-steps. ``real_tok_per_s`` counts the workload's real tokens (prompt once per completion, as TRL
+one JSON line; a last line gives the ratio (of the medians over ``--repeat`` alternating runs).
+Step time = wall time between consecutive step ends (data loading, collation, forward, backward,
+optimizer, logging: everything), median over the timed steps. ``real_tok_per_s`` counts the workload's real tokens (prompt once per completion, as TRL
 computes them) for both engines; ``mfu`` = model FLOPs of those tokens (6N + attention per policy
 token, 2N + attention per reference token) / time / ``--peak-tflops`` (default: 989 on CUDA, the
 bf16 dense peak of H100/H200; a measured fp32 matmul peak on CPU).
@@ -38,15 +38,32 @@ import torch
 
 SHAPES = {
     "tiny": dict(
-        config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
-        prompt=(8, 32), completion=(4, 32),
+        config=dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
+        prompt=(8, 32),
+        completion=(4, 32),
     ),
     "llama-1b": dict(
-        config=dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048,
-                    tie_word_embeddings=True, rope_theta=500000.0),
-        prompt=(64, 384), completion=(32, 384),
+        config=dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+        prompt=(64, 384),
+        completion=(32, 384),
     ),
 }
 
@@ -63,11 +80,19 @@ def make_examples(shape: str, pairs: int, steps: int, warmup: int) -> list[dict[
     out = []
     for _ in range((steps + warmup + 2) * pairs):
         pl = rng.randint(*spec["prompt"])
-        out.append({
-            "prompt": [rng.randrange(0, vocab - 3) for _ in range(pl)],
-            "chosen": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))] + [eos],
-            "rejected": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))] + [eos],
-        })
+        out.append(
+            {
+                "prompt": [rng.randrange(0, vocab - 3) for _ in range(pl)],
+                "chosen": [
+                    rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))
+                ]
+                + [eos],
+                "rejected": [
+                    rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))
+                ]
+                + [eos],
+            }
+        )
     return out
 
 
@@ -76,10 +101,16 @@ def word_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(vocab - 3)} | {"[UNK]": vocab - 3, "[PAD]": vocab - 2, "[EOS]": vocab - 1}
+    words = {f"w{i}": i for i in range(vocab - 3)} | {
+        "[UNK]": vocab - 3,
+        "[PAD]": vocab - 2,
+        "[EOS]": vocab - 1,
+    }
     tk = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
 
 
 def text_rows(examples: list[dict[str, list[int]]], vocab: int) -> list[dict[str, str]]:
@@ -88,8 +119,14 @@ def text_rows(examples: list[dict[str, list[int]]], vocab: int) -> list[dict[str
     def txt(ids: list[int]) -> str:
         return " ".join(f"w{i}" for i in ids if i < vocab - 3)
 
-    return [{"prompt": txt(e["prompt"]), "chosen": " " + txt(e["chosen"]), "rejected": " " + txt(e["rejected"])}
-            for e in examples]
+    return [
+        {
+            "prompt": txt(e["prompt"]),
+            "chosen": " " + txt(e["chosen"]),
+            "rejected": " " + txt(e["rejected"]),
+        }
+        for e in examples
+    ]
 
 
 def make_model(shape: str, device: str):
@@ -99,7 +136,9 @@ def make_model(shape: str, device: str):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        return AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
 
 
 # --- engines (each in its own process) ---------------------------------------------------------
@@ -132,15 +171,23 @@ def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: st
     vocab = SHAPES[args.shape]["config"]["vocab_size"]
     rows = text_rows(examples, vocab)
     datamodule = PreferenceDataModule(
-        word_tokenizer(vocab), generator=lambda: datasets.Dataset.from_list(rows), val_split=None,
-        val_fraction=0.05, batch_size=args.pairs, max_length=2048, seed=0,
+        word_tokenizer(vocab),
+        generator=lambda: datasets.Dataset.from_list(rows),
+        val_split=None,
+        val_fraction=0.05,
+        batch_size=args.pairs,
+        max_length=2048,
+        seed=0,
     )
     datamodule.setup("fit")
     attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else None)
     engine = (
         PackedEngine(
-            prefix_sharing=args.prefix_sharing, chunk_size=args.chunk_size or None, attn_implementation=attn,
-            pad_to_multiple_of=128 if attn == "flex_attention" else None, compile=args.compile,
+            prefix_sharing=args.prefix_sharing,
+            chunk_size=args.chunk_size or None,
+            attn_implementation=attn,
+            pad_to_multiple_of=128 if attn == "flex_attention" else None,
+            compile=args.compile,
             group_by_length=args.group_by_length,
         )
         if args.packing
@@ -148,8 +195,10 @@ def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: st
     )
     engine.prepare(datamodule)
     module = DPOModule(
-        make_model(args.shape, device), DPOLoss(beta=0.1),
-        optimizer=partial(torch.optim.AdamW, lr=1e-6, fused=device == "cuda"), engine=engine,
+        make_model(args.shape, device),
+        DPOLoss(beta=0.1),
+        optimizer=partial(torch.optim.AdamW, lr=1e-6, fused=device == "cuda"),
+        engine=engine,
     )
     clock = StepClock(device)
 
@@ -161,13 +210,21 @@ def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: st
             clock.tick()
 
     trainer = L.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_steps=args.warmup + args.steps,
-        precision="32-true", gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        precision="32-true",
+        gradient_clip_val=1.0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=[Clock()],
     )
     trainer.fit(module, datamodule=datamodule)
-    return clock.times[args.warmup:]
+    return clock.times[args.warmup :]
 
 
 def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> list[float]:
@@ -188,16 +245,33 @@ def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> list
             clock.tick()
 
     conf = DPOConfig(
-        output_dir="/tmp/dpo_lightning_bench_trl", per_device_train_batch_size=args.pairs,
-        max_steps=args.warmup + args.steps, learning_rate=1e-6, beta=0.1, bf16=device == "cuda",
-        logging_steps=1000, save_strategy="no", report_to=[], max_length=2048, dataloader_num_workers=0,
-        seed=0, use_cpu=device == "cpu", gradient_checkpointing=False, disable_dropout=True,
+        output_dir="/tmp/dpo_lightning_bench_trl",
+        per_device_train_batch_size=args.pairs,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-6,
+        beta=0.1,
+        bf16=device == "cuda",
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        max_length=2048,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,
+        disable_dropout=True,
         optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
     )
-    trainer = DPOTrainer(model=policy, ref_model=ref, args=conf, processing_class=word_tokenizer(vocab),
-                         train_dataset=datasets.Dataset.from_list(text_rows(examples, vocab)), callbacks=[Clock()])
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=ref,
+        args=conf,
+        processing_class=word_tokenizer(vocab),
+        train_dataset=datasets.Dataset.from_list(text_rows(examples, vocab)),
+        callbacks=[Clock()],
+    )
     trainer.train()
-    return clock.times[args.warmup:]
+    return clock.times[args.warmup :]
 
 
 ENGINES = {"dpo_lightning": run_dpo_lightning, "trl": run_trl}
@@ -220,7 +294,9 @@ def cpu_peak_tflops(seconds: float = 1.0) -> float:
 def step_flops(shape: str, params: int, examples: list[dict], pairs: int) -> tuple[float, float]:
     """(real tokens, model FLOPs) per step of the workload, as trl_anchor.py counts them."""
     cfg = SHAPES[shape]["config"]
-    per_pair = statistics.mean(2 * len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples)
+    per_pair = statistics.mean(
+        2 * len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples
+    )
     tokens = per_pair * pairs
     seq = per_pair / 2
     attn = 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq  # per token, fwd+bwd
@@ -246,7 +322,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     peak_tflops = args.peak_tflops or (989.0 if device == "cuda" else cpu_peak_tflops())
     return {
         "engine": args.worker,
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads",
         "params": params,
         "sec_per_step": round(med, 4),
         "pairs_per_s": round(args.pairs / med, 2),
@@ -267,21 +345,32 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--engines", default="dpo_lightning,trl", help="comma list of: " + ", ".join(ENGINES))
+    p.add_argument(
+        "--engines", default="dpo_lightning,trl", help="comma list of: " + ", ".join(ENGINES)
+    )
     p.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=8, help="untimed first steps")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs per engine, alternating; ratio of medians"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
     bool_opt = argparse.BooleanOptionalAction
     p.add_argument("--packing", action=bool_opt, default=True, help="padding-free packed rows")
     p.add_argument("--prefix-sharing", action=bool_opt, default=True, help="prompt once per pair")
     p.add_argument("--chunk-size", type=int, default=1024, help="LM-head chunk rows (0: unchunked)")
-    p.add_argument("--attn", default="auto", help="auto (flex_attention on GPU, sdpa on CPU) | sdpa | eager")
+    p.add_argument(
+        "--attn", default="auto", help="auto (flex_attention on GPU, sdpa on CPU) | sdpa | eager"
+    )
     p.add_argument("--compile", action=bool_opt, default=False, help="torch.compile decoder layers")
-    p.add_argument("--group-by-length", action=bool_opt, default=False, help="length-grouped batches")
+    p.add_argument(
+        "--group-by-length", action=bool_opt, default=False, help="length-grouped batches"
+    )
     p.add_argument("--worker", choices=sorted(ENGINES), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.engines.split(",")) - set(ENGINES)
@@ -296,22 +385,43 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print("BENCH_RESULT " + json.dumps(worker(args)), flush=True)
         return
-    results = {}
-    for engine in args.engines.split(","):
-        proc = subprocess.run([sys.executable, "-m", "dpo_lightning.bench", *argv, "--worker", engine],
-                              capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"bench: engine {engine} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        results[engine] = json.loads(line.removeprefix("BENCH_RESULT "))
-        print(json.dumps(results[engine]), flush=True)
-    if {"dpo_lightning", "trl"} <= results.keys():
-        ours, trl = results["dpo_lightning"], results["trl"]
-        print(json.dumps({
-            "ratio": "dpo_lightning/trl",
-            "pairs_per_s": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
-            "peak_mem": round(ours["peak_mem_gib"] / trl["peak_mem_gib"], 3),
-        }), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    # Engines alternate (A B A B ...) so a shared machine's load drifts over both alike.
+    for _ in range(args.repeat):
+        for engine in args.engines.split(","):
+            runs.setdefault(engine, []).append(_run_worker(argv, engine))
+            print(json.dumps(runs[engine][-1]), flush=True)
+    if {"dpo_lightning", "trl"} <= runs.keys():
+        ours, trl = (
+            statistics.median(r["pairs_per_s"] for r in runs[e]) for e in ("dpo_lightning", "trl")
+        )
+        mem = (max(r["peak_mem_gib"] for r in runs[e]) for e in ("dpo_lightning", "trl"))
+        print(
+            json.dumps(
+                {
+                    "ratio": "dpo_lightning/trl",
+                    "pairs_per_s": round(ours / trl, 3),
+                    "peak_mem": round(next(mem) / next(mem), 3),
+                    "repeats": args.repeat,
+                }
+            ),
+            flush=True,
+        )
+
+
+def _run_worker(argv: list[str], engine: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo_lightning.bench", *argv, "--worker", engine],
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        sys.exit(
+            f"bench: engine {engine} failed ({proc.returncode}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+    return json.loads(line.removeprefix("BENCH_RESULT "))
 
 
 if __name__ == "__main__":
