@@ -180,7 +180,11 @@ def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: st
         seed=0,
     )
     datamodule.setup("fit")
-    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else None)
+    attn = (
+        args.attn
+        if args.attn != "auto"
+        else ("flex_attention" if device == "cuda" else "packed_sdpa")
+    )
     engine = (
         PackedEngine(
             prefix_sharing=args.prefix_sharing,
@@ -365,7 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-sharing", action=bool_opt, default=True, help="prompt once per pair")
     p.add_argument("--chunk-size", type=int, default=1024, help="LM-head chunk rows (0: unchunked)")
     p.add_argument(
-        "--attn", default="auto", help="auto (flex_attention on GPU, sdpa on CPU) | sdpa | eager"
+        "--attn",
+        default="auto",
+        help="auto (flex_attention on GPU, packed_sdpa on CPU) | packed_sdpa | sdpa | eager",
     )
     p.add_argument("--compile", action=bool_opt, default=False, help="torch.compile decoder layers")
     p.add_argument(

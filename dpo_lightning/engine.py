@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpo_lightning import doc_attention  # noqa: F401 - registers the packed_sdpa attention
 from dpo_lightning.chunked_logps import head_mean_logits, head_token_logps
 from dpo_lightning.length_grouping import group_train_batches_by_length
 from dpo_lightning.logps import CompletionStats, concatenated_forward
-from dpo_lightning.packing import PackedCollator, build_packed_mask
+from dpo_lightning.packing import PackedCollator, packed_attention_kwargs
 
 #: Config keys of models whose head output is transformed after the LM head (soft-capping, a
 #: scale): the chunked head would skip that step, so such models must use the padded engine.
@@ -82,8 +83,9 @@ class PackedEngine(ForwardEngine):
         chunk_size: rows of (chunk, V) logits alive at once in the LM head; ``None``: all
             completion tokens at once (still never the prompt's).
         pad_to_multiple_of: round the packed row up (e.g. 128, FlexAttention's block size).
-        attn_implementation: switch the models to this attention (``flex_attention`` on GPU:
-            block-sparse over documents); ``None`` keeps the model's (``sdpa``: dense 4D mask).
+        attn_implementation: switch the models to this attention: ``packed_sdpa`` (per-document
+            SDPA, :mod:`dpo_lightning.doc_attention`), ``flex_attention`` (GPU, block-sparse);
+            ``None`` keeps the model's (``sdpa``/``eager``: a dense (N, N) mask, N² work).
         compile, group_by_length: see :class:`ForwardEngine`.
     """
 
@@ -92,7 +94,7 @@ class PackedEngine(ForwardEngine):
         prefix_sharing: bool = True,
         chunk_size: int | None = 1024,
         pad_to_multiple_of: int | None = None,
-        attn_implementation: str | None = None,
+        attn_implementation: str | None = "packed_sdpa",
         compile: bool = False,
         group_by_length: bool = False,
     ) -> None:
@@ -108,12 +110,12 @@ class PackedEngine(ForwardEngine):
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> CompletionStats:
         _check_head(model)
         impl = self._attention(model)
-        mask = _cached_mask(batch, impl, next(model.parameters()).dtype)
+        attention = _cached_attention(batch, impl, next(model.parameters()).dtype)
         hidden = model.get_decoder()(
             input_ids=batch["input_ids"],
-            attention_mask=mask,
             position_ids=batch["position_ids"],
             use_cache=False,
+            **attention,
         ).last_hidden_state[0]  # (N, H)
         predicting = hidden.index_select(0, batch["logit_index"])  # (M, H)
         head = model.get_output_embeddings()
@@ -144,11 +146,11 @@ def segment_stats(
     )
 
 
-def _cached_mask(batch: dict[str, Any], impl: str, dtype: torch.dtype):
-    """The packed attention mask, built once per batch and shared by policy and reference."""
-    key = f"_packed_mask/{impl}/{dtype}"
+def _cached_attention(batch: dict[str, Any], impl: str, dtype: torch.dtype) -> dict[str, Any]:
+    """The packed mask (or layout), built once per batch and shared by policy and reference."""
+    key = f"_packed_attention/{impl}/{dtype}"
     if key not in batch:
-        batch[key] = build_packed_mask(impl, batch["doc_ids"], batch["branch_ids"], dtype)
+        batch[key] = packed_attention_kwargs(impl, batch["doc_ids"], batch["branch_ids"], dtype)
     return batch[key]
 
 

@@ -174,24 +174,40 @@ def flex_block_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype):
     )
 
 
-#: attention implementation (``model.config._attn_implementation``) -> mask builder.
-MASK_BUILDERS: dict[str, Callable[[Tensor, Tensor, torch.dtype], Any]] = {
-    "sdpa": dense_bool_mask,
-    "eager": dense_additive_mask,
-    "flex_attention": flex_block_mask,
+def _as_mask(
+    builder: Callable[[Tensor, Tensor, torch.dtype], Any],
+) -> Callable[..., dict[str, Any]]:
+    return lambda doc_ids, branch_ids, dtype: {
+        "attention_mask": builder(doc_ids, branch_ids, dtype)
+    }
+
+
+def _per_document(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    from dpo_lightning.doc_attention import packed_layout
+
+    return {"attention_mask": None, "packed_layout": packed_layout(doc_ids, branch_ids)}
+
+
+#: attention implementation (``model.config._attn_implementation``) -> the decoder keywords
+#: that carry the packed mask to it.
+PACKED_ATTENTION: dict[str, Callable[[Tensor, Tensor, torch.dtype], dict[str, Any]]] = {
+    "sdpa": _as_mask(dense_bool_mask),
+    "eager": _as_mask(dense_additive_mask),
+    "flex_attention": _as_mask(flex_block_mask),
+    "packed_sdpa": _per_document,
 }
 
 
-def build_packed_mask(
+def packed_attention_kwargs(
     attn_implementation: str, doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype
-):
-    """The 4D mask (or BlockMask) the model's attention implementation takes as-is."""
+) -> dict[str, Any]:
+    """Decoder keywords (a 4D mask, a BlockMask, or a per-document layout) for this attention."""
     try:
-        builder = MASK_BUILDERS[attn_implementation]
+        builder = PACKED_ATTENTION[attn_implementation]
     except KeyError:
         raise ValueError(
             f"packed engine: attention implementation {attn_implementation!r} cannot take a "
-            f"prefix-sharing mask; load the model with one of {sorted(MASK_BUILDERS)} "
-            "(model.attn_implementation=...) or use engine=padded"
+            f"prefix-sharing mask; set engine.attn_implementation to one of "
+            f"{sorted(PACKED_ATTENTION)} or use engine=padded"
         ) from None
     return builder(doc_ids, branch_ids, dtype)

@@ -85,21 +85,23 @@ def test_collator_hand_worked():
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_sdpa"])
 @pytest.mark.parametrize(
     "engine",
     [
-        PackedEngine(prefix_sharing=True, chunk_size=5),
-        PackedEngine(prefix_sharing=False, chunk_size=None),
-        PackedEngine(prefix_sharing=True, chunk_size=None, pad_to_multiple_of=16),
+        PackedEngine(prefix_sharing=True, chunk_size=5, attn_implementation=None),
+        PackedEngine(prefix_sharing=False, chunk_size=None, attn_implementation=None),
+        PackedEngine(
+            prefix_sharing=True, chunk_size=None, pad_to_multiple_of=16, attn_implementation=None
+        ),
     ],
     ids=["shared+chunked", "packed-only", "shared+padded-row"],
 )
 def test_packed_stats_equal_padded(engine, attn, padding_side):
     model = make_tiny_model(V).requires_grad_(False)
-    model.set_attn_implementation(attn)
     ex = _examples()
     want = PaddedEngine()(model, PreferenceCollator(0, padding_side)(ex))
+    model.set_attn_implementation(attn)
     got = engine(model, engine.collator(PreferenceCollator(0))(ex))
     torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.lengths, want.lengths)
@@ -275,3 +277,31 @@ def test_packed_equal_padded_bf16():
     got = engine(model, engine.collator(PreferenceCollator(0))(ex))
     assert got.logps.dtype == torch.float32
     torch.testing.assert_close(got.logps, want.logps, atol=2e-2, rtol=2e-3)
+
+
+def test_packed_layout_hand_worked():
+    """Documents [p p c1 c2] and [p c1], padded: a (2+1, 4) grid, slots and per-document masks."""
+    from dpo_lightning.doc_attention import packed_layout
+
+    doc = torch.tensor([1, 1, 1, 1, 2, 2, -1])
+    branch = torch.tensor([0, 0, 1, 2, 0, 1, 0])
+    lay = packed_layout(doc, branch)
+    assert (lay.docs, lay.width) == (3, 4)
+    assert lay.slot.tolist() == [0, 1, 2, 3, 4, 5, 8]
+    assert lay.gather[:6].tolist() == [0, 1, 2, 3, 4, 5] and lay.gather[8] == 6
+    m = lay.mask[:, 0].int()
+    assert m[0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    assert m[1].tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 0, 1, 0],
+        [0, 0, 0, 1],
+    ]  # 2 empty slots
+    assert m[2, 0].tolist() == [1, 0, 0, 0]
+
+
+def test_packed_sdpa_without_layout_says_what_to_do():
+    model = make_tiny_model(V)
+    model.set_attn_implementation("packed_sdpa")
+    with pytest.raises(ValueError, match="PackedEngine"):
+        model(torch.tensor([[1, 2, 3]]))
