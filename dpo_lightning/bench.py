@@ -13,10 +13,11 @@ on GPU, fp32 on CPU. The ``dpo_lightning`` engine is what users run: :class:`Pre
 Each engine runs in its own subprocess (clean peak memory, no shared allocator state) and prints
 one JSON line; a last line gives the ratio (of the medians over ``--repeat`` alternating runs).
 Step time = wall time between consecutive step ends (data loading, collation, forward, backward,
-optimizer, logging: everything), median over the timed steps. ``real_tok_per_s`` counts the workload's real tokens (prompt once per completion, as TRL
-computes them) for both engines; ``mfu`` = model FLOPs of those tokens (6N + attention per policy
-token, 2N + attention per reference token) / time / ``--peak-tflops`` (default: 989 on CUDA, the
-bf16 dense peak of H100/H200; a measured fp32 matmul peak on CPU).
+optimizer, logging: everything), median over the timed steps. ``real_tok_per_s`` counts the
+workload's real tokens (prompt once per completion, as TRL computes them) for both engines;
+``mfu`` = model FLOPs of those tokens (6N + attention per policy token, 2N + attention per
+reference token) / time / ``--peak-tflops`` (default: 989 on CUDA, the bf16 dense peak of
+H100/H200; a measured fp32 matmul peak on CPU).
 """
 
 from __future__ import annotations
