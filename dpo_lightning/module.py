@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dpo_lightning.logps import CompletionStats, concatenated_forward
+from dpo_lightning.engine import ForwardEngine, PaddedEngine
+from dpo_lightning.logps import CompletionStats
 from dpo_lightning.losses import PreferenceLoss
 from dpo_lightning.metrics import preference_metrics
 from dpo_lightning.parallel import apply_parallelism
@@ -25,6 +26,7 @@ class DPOModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         reference: where reference log-probs come from (default: a frozen copy of ``policy``).
+        engine: batch layout + forward (``conf/engine``; default: padded rows, full logits).
 
     Batches come from :class:`~dpo_lightning.data.collate.PreferenceCollator`: B completion rows
     and P pairs given as ``chosen_idx`` / ``rejected_idx`` into the rows.
@@ -37,12 +39,14 @@ class DPOModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         reference: ReferenceStrategy | None = None,
+        engine: ForwardEngine | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.engine = engine or PaddedEngine()
         self.reference = reference or CopyReference()
         self.reference.attach(self)
 
@@ -67,9 +71,7 @@ class DPOModule(L.LightningModule):
         apply_parallelism(self)
 
     def forward(self, batch: dict[str, Any]) -> CompletionStats:
-        return concatenated_forward(
-            self.policy, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        return self.engine(self.policy, batch)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         policy = self(batch)

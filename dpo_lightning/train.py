@@ -67,6 +67,10 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")  # validate and tokenize before any model work
 
+    engine = instantiate(cfg.engine) if cfg.get("engine") else None
+    if engine is not None:
+        engine.prepare(datamodule)  # the engine's batch layout (collator) and batch order
+
     policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
     module = DPOModule(
         policy=policy,
@@ -74,6 +78,7 @@ def train(cfg: DictConfig) -> float | None:
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         reference=instantiate(cfg.reference) if cfg.get("reference") else None,
+        engine=engine,
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]

@@ -129,7 +129,7 @@ def test_precomputed_matches_copy_and_second_run_calls_the_model_zero_times(
     module = module_with(tokenizer, first)
     assert not hasattr(module, "reference_model")  # no second copy of the weights, ever
     first_metrics = fit_and_collect(module, datamodule)
-    n_batches = len(datamodule.train_dataloader()) + len(datamodule.val_dataloader())
+    n_batches = sum(len(loader) for loader in datamodule.full_dataloaders())
     assert first.forward_calls == n_batches
     assert list(tmp_path.glob("*.pt")) == [first.cache_path]  # shards merged and removed
 

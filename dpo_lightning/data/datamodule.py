@@ -269,6 +269,12 @@ class PreferenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
+    def full_dataloaders(self) -> list[DataLoader]:
+        """Every train and validation row once, in order and unsharded (for one-off passes such
+        as precomputing reference log-probs, whatever rank runs them)."""
+        train = self.train_set.select_columns(BATCH_COLUMNS)
+        return [self._loader(train, self.eval_batch_size, False), self.val_dataloader()]
+
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set.select_columns(BATCH_COLUMNS), self.eval_batch_size, False)
 

@@ -33,8 +33,6 @@ class AdapterReference(ReferenceStrategy):
         policy.eval()  # the reference never sees dropout, the adapter's included
         try:
             with policy.disable_adapter():
-                return concatenated_forward(
-                    policy, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                )
+                return module.engine(policy, batch)
         finally:
             policy.train(was_training)

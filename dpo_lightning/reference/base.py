@@ -87,9 +87,8 @@ class CopyReference(ReferenceStrategy):
 
     @torch.no_grad()
     def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats:
-        return concatenated_forward(
-            module.reference_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        # The module's engine: the reference reads the same (possibly packed) batch layout.
+        return module.engine(module.reference_model, batch)
 
 
 class NoReference(ReferenceStrategy):

@@ -115,6 +115,11 @@ class PrecomputedReference(ReferenceStrategy):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("reference=precomputed needs trainer.fit(..., datamodule=...)")
+        if not getattr(module.engine, "row_per_completion", True):
+            raise ValueError(
+                "reference=precomputed keys its cache by padded completion rows: use it with "
+                "engine=padded (the packed engine fuses the reference forward instead)"
+            )
         # Iterating the (shuffled) loaders draws from the global RNG: fork it, so training sees
         # the same batches in the same order as with reference=copy.
         device = trainer.strategy.root_device
@@ -127,7 +132,7 @@ class PrecomputedReference(ReferenceStrategy):
                 if trainer.is_global_zero:
                     self._merge_shards(key, trainer.world_size)
                 trainer.strategy.barrier("reference_logps_merged")
-        saved = torch.load(self.cache_path, map_location="cpu")
+        saved = torch.load(self.cache_path, map_location="cpu", weights_only=True)
         self.table = dict(zip(saved["keys"].tolist(), saved["logps"].tolist(), strict=True))
 
     def cache_key(self, module: nn.Module, trainer: L.Trainer, datamodule: Any) -> str:
@@ -149,7 +154,9 @@ class PrecomputedReference(ReferenceStrategy):
         was_training = policy.training
         device = trainer.strategy.root_device
         policy.to(device).eval()
-        loaders = [datamodule.train_dataloader(), datamodule.val_dataloader()]
+        # Unsharded loaders (the ranks split batches below); any other DataModule: its own.
+        full = getattr(datamodule, "full_dataloaders", None)
+        loaders = full() if full else [datamodule.train_dataloader(), datamodule.val_dataloader()]
         total = sum(len(loader) for loader in loaders)
         keys: list[int] = []
         logps: list[Tensor] = []
@@ -185,7 +192,7 @@ class PrecomputedReference(ReferenceStrategy):
 
     def _merge_shards(self, key: str, world: int) -> None:
         paths = [self._shard_path(key, r, world) for r in range(world)]
-        shards = [torch.load(p, map_location="cpu") for p in paths]
+        shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         merged = {k: torch.cat([s[k] for s in shards]) for k in ("keys", "logps")}
         _atomic_save(merged, self.cache_path)
         for p in paths:
