@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 
+from dpo_lightning.engine import PaddedEngine
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
@@ -233,7 +234,10 @@ def test_adapter_matches_copy_on_the_first_step(tokenizer, datamodule):
         ref,
         CopyReference()
         .completion_logps(
-            SimpleNamespace(reference_model=make_tiny_model(len(tokenizer)).eval()), batch
+            SimpleNamespace(
+                reference_model=make_tiny_model(len(tokenizer)).eval(), engine=PaddedEngine()
+            ),
+            batch,
         )
         .logps,
     )
