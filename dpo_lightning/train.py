@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.models import load_causal_lm
-from dpo_lightning.module import DPOModule
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.tokenizer import load_tokenizer
 
@@ -55,12 +54,12 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # validate and tokenize before any model work
 
     policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
-    module = DPOModule(
+    # The stage group (stage=dpo|sft) names the LightningModule and what else it needs.
+    module = instantiate(
+        cfg.stage.module,
         policy=policy,
-        loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
-        reference=instantiate(cfg.reference) if cfg.get("reference") else None,
     )
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
