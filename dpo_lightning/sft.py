@@ -68,14 +68,20 @@ class SFTModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
         stats = concatenated_forward(
-            self.policy, batch["input_ids"][rows], batch["attention_mask"][rows], batch["labels"][rows]
+            self.policy,
+            batch["input_ids"][rows],
+            batch["attention_mask"][rows],
+            batch["labels"][rows],
         )
         loss = token_nll(stats.logps, stats.lengths)
         n = int(rows.numel())
         self.log_dict(
             {f"{stage}/loss": loss, f"{stage}/ppl": loss.detach().exp()},
-            batch_size=n, on_step=stage == "train", on_epoch=stage != "train",
-            sync_dist=True, prog_bar=True,
+            batch_size=n,
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+            sync_dist=True,
+            prog_bar=True,
         )
         return loss
 

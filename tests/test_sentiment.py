@@ -1,4 +1,4 @@
-"""The sentiment experiment's stages on tiny data: corpus, sampling, rewards, labels, KL, frontier."""
+"""The sentiment experiment's stages on tiny data: corpus, sampling, rewards, labels, frontier."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_prefixes_are_2_to_8_token_prefixes(tokenizer):
     texts = review_texts(50)
     prompts = review_prefixes(texts, tokenizer, 2, 8, seed=0)
     lengths = set()
-    for text, prompt in zip(texts, prompts):
+    for text, prompt in zip(texts, prompts, strict=True):
         assert text.startswith(prompt)
         n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         assert 2 <= n <= 8
@@ -58,14 +58,20 @@ def test_cut_at_eos_and_left_pad():
 def test_sample_completions_shapes_and_seed(tokenizer):
     model = make_tiny_model(len(tokenizer))
     prompt_ids = encode_prompts(tokenizer, ["Review of Iron Valley:", "The"])
-    a = sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3)
-    b = sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=2, seed=3)
+    a = sample_completions(
+        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3
+    )
+    b = sample_completions(
+        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=2, seed=3
+    )
     assert len(a) == 2 and all(len(row) == 3 for row in a)
     for row in a:
         for c in row:
             assert 1 <= len(c) <= 6
             assert tokenizer.eos_token_id not in c[:-1]  # nothing after an EOS
-    assert a == sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3)
+    assert a == sample_completions(
+        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3
+    )
     assert len(b) == 2
 
 
@@ -79,7 +85,12 @@ def test_sampling_is_untruncated(tokenizer):
     top50 = set(probs.topk(50).indices.tolist())
     outside_mass = 1 - probs.topk(50).values.sum().item()
     assert outside_mass > 0.3  # a random tiny model spreads its mass
-    first = [c[0] for c in sample_completions(model, tokenizer, prompt, k=2000, max_new_tokens=1, batch_size=1)[0]]
+    first = [
+        c[0]
+        for c in sample_completions(
+            model, tokenizer, prompt, k=2000, max_new_tokens=1, batch_size=1
+        )[0]
+    ]
     share = sum(t not in top50 for t in first) / len(first)
     assert share == pytest.approx(outside_mass, abs=0.04)
 
@@ -89,7 +100,7 @@ def test_completion_logps_match_naive_loop(tokenizer):
     prompts = [[1, 30, 31, 32], [1, 40]]
     comps = [[[50, 51, 2], [52]], [[53, 54, 55, 2], [56, 2]]]
     got = completion_logps(model, prompts, comps, tokenizer.pad_token_id, batch_size=1)
-    for i, (p, row) in enumerate(zip(prompts, comps)):
+    for i, (p, row) in enumerate(zip(prompts, comps, strict=True)):
         for j, c in enumerate(row):
             full = torch.tensor([p + c])
             with torch.no_grad():
@@ -100,7 +111,9 @@ def test_completion_logps_match_naive_loop(tokenizer):
 
 # -- rewards -----------------------------------------------------------------------------------
 def test_vader_orders_sentiment():
-    r = VaderReward()(["The acting was wonderful. I loved it.", "The film came out.", "Awful. I hated it."])
+    r = VaderReward()(
+        ["The acting was wonderful. I loved it.", "The film came out.", "Awful. I hated it."]
+    )
     assert r[0] > 0.5 and r[1] == 0.0 and r[2] < -0.5
 
 
@@ -110,9 +123,17 @@ def tiny_classifier(tmp_path_factory, tokenizer):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     cfg = AutoConfig.for_model(
-        "llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, num_labels=2, pad_token_id=tokenizer.pad_token_id,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
     )
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("clf")
@@ -125,11 +146,16 @@ def test_classifier_reward_is_positive_probability(tiny_classifier, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     texts = ["The acting was wonderful.", "Awful.", "The story was dull and boring. Avoid it."]
-    reward = ClassifierReward(str(tiny_classifier), positive_label="POSITIVE", batch_size=2, device="cpu")
+    reward = ClassifierReward(
+        str(tiny_classifier), positive_label="POSITIVE", batch_size=2, device="cpu"
+    )
     got = reward(texts)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
     with torch.no_grad():  # one text at a time: no padding at all
-        expected = [model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 1].item() for t in texts]
+        expected = [
+            model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+            for t in texts
+        ]
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-4, atol=1e-5)
     neg = ClassifierReward(str(tiny_classifier), positive_label="NEGATIVE", device="cpu")(texts)
     torch.testing.assert_close(got + neg, torch.ones(3), rtol=1e-5, atol=1e-5)
@@ -143,7 +169,13 @@ def test_classifier_reward_unknown_label(tiny_classifier):
 # -- labelling ---------------------------------------------------------------------------------
 def test_pairings():
     scores = [0.1, 0.5, 0.5, -1.0]
-    assert sorted(AllPairs()(scores)) == [(0, 3), (1, 0), (1, 3), (2, 0), (2, 3)]  # the 1-2 tie: none
+    assert sorted(AllPairs()(scores)) == [
+        (0, 3),
+        (1, 0),
+        (1, 3),
+        (2, 0),
+        (2, 3),
+    ]  # the 1-2 tie: none
     assert BestVsWorst()(scores) == [(1, 3)]
     assert BestVsWorst()([0.2, 0.2]) == [] and AllPairs()([0.2, 0.2]) == []
 
@@ -155,8 +187,14 @@ def test_preference_rows_and_split(tokenizer):
     rows = preference_rows(prompts, completions, scores, AllPairs())
     # Pairs: (0,1), (0,2) kept; (2,1) has equal texts, (0,3), (3,1), (3,2) have a blank one.
     assert len(rows) == 40
-    assert rows[0] == {"prompt": "p0", "chosen": " good", "rejected": " bad", "chosen_score": 1.0,
-                       "rejected_score": -1.0, "prompt_id": 0}
+    assert rows[0] == {
+        "prompt": "p0",
+        "chosen": " good",
+        "rejected": " bad",
+        "chosen_score": 1.0,
+        "rejected_score": -1.0,
+        "prompt_id": 0,
+    }
     dd = preference_dataset(rows, val_fraction=0.2, seed=0)
     train_ids, val_ids = set(dd["train"]["prompt_id"]), set(dd["validation"]["prompt_id"])
     assert len(val_ids) == 4 and not train_ids & val_ids and len(train_ids | val_ids) == 20
@@ -181,7 +219,9 @@ def test_best_of_n_numbers():
     assert best_of_n_kl(1) == 0.0
     assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
     assert best_of_n_reward(torch.tensor([[0.1, 0.9], [-1.0, -0.5]])) == pytest.approx(0.2)
-    assert sequence_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0])).item() == pytest.approx(0.75)
+    assert sequence_kl(
+        torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0])
+    ).item() == pytest.approx(0.75)
 
 
 def test_kl_is_zero_for_the_reference_and_positive_after_a_change(tokenizer):
@@ -189,8 +229,14 @@ def test_kl_is_zero_for_the_reference_and_positive_after_a_change(tokenizer):
     same = make_tiny_model(len(tokenizer))
     prompts = ["Review of", "My thoughts on"]
     ids = encode_prompts(tokenizer, prompts)
-    args = dict(tokenizer=tokenizer, prompts=prompts, prompt_ids=ids, reward=VaderReward(), k=8,
-                max_new_tokens=5)
+    args = dict(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        prompt_ids=ids,
+        reward=VaderReward(),
+        k=8,
+        max_new_tokens=5,
+    )
     assert sample_and_score(same, ref, **args).kl == 0.0
     with torch.no_grad():  # sharpen the policy: KL(π‖π_ref) > 0 by a clear margin
         same.lm_head.weight.mul_(4.0)

@@ -20,8 +20,11 @@ def compose_pipeline(overrides: list[str], run_dir: Path):
     from hydra.core.hydra_config import HydraConfig
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hcompose("sentiment", overrides=[*overrides, f"hydra.run.dir={run_dir}"],
-                       return_hydra_config=True)
+        cfg = hcompose(
+            "sentiment",
+            overrides=[*overrides, f"hydra.run.dir={run_dir}"],
+            return_hydra_config=True,
+        )
         HydraConfig.instance().set_config(cfg)
     return cfg
 
@@ -32,7 +35,12 @@ def test_pipeline_configs_compose_with_their_training_overrides(pipeline, tmp_pa
     from dpo_lightning.sentiment.pipeline import compose_train_config
 
     cfg = compose_pipeline([f"pipeline={pipeline}"], tmp_path)
-    paths = ["model.name_or_path=/m", "data.path=/d", f"paths.output_dir={tmp_path}", "paths.group=g"]
+    paths = [
+        "model.name_or_path=/m",
+        "data.path=/d",
+        f"paths.output_dir={tmp_path}",
+        "paths.group=g",
+    ]
     sft = compose_train_config([*cfg.sft.overrides, *paths])
     dpo = compose_train_config([*cfg.dpo.overrides, *paths, "loss.beta=0.5"])
     assert sft.stage.module._target_.endswith("SFTModule")
@@ -43,7 +51,9 @@ def test_pipeline_configs_compose_with_their_training_overrides(pipeline, tmp_pa
         assert cfg.base.name_or_path == "gpt2-large" and cfg.corpus.path == "stanfordnlp/imdb"
         assert cfg.reward.name_or_path == "siebert/sentiment-roberta-large-english"
         assert cfg.sample.k == 4 and cfg.label.pairing._target_.endswith("AllPairs")
-        assert dpo.optim.optimizer._target_ == "torch.optim.RMSprop" and dpo.optim.optimizer.lr == 1e-6
+        assert (
+            dpo.optim.optimizer._target_ == "torch.optim.RMSprop" and dpo.optim.optimizer.lr == 1e-6
+        )
         assert dpo.optim.scheduler.num_warmup_steps == 150 and dpo.data.batch_size == 64
         assert list(cfg.dpo.betas) == [0.05, 0.1, 1.0, 5.0]
     else:
@@ -75,12 +85,15 @@ def test_generation_callback_logs_reward_kl_and_table(tokenizer):
 
     dm = PreferenceDataModule(tokenizer, generator=lambda: sentiment_pairs(60), val_fraction=0.2)
     dm.setup("fit")
-    module = DPOModule(make_tiny_model(len(tokenizer)), DPOLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    module = DPOModule(
+        make_tiny_model(len(tokenizer)), DPOLoss(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, value)
     table = TableLogger()
-    trainer = SimpleNamespace(sanity_checking=False, datamodule=dm, loggers=[table], global_step=7,
-                              is_global_zero=True)
+    trainer = SimpleNamespace(
+        sanity_checking=False, datamodule=dm, loggers=[table], global_step=7, is_global_zero=True
+    )
     cb = GenerationLogger(VaderReward(), every_n_validations=2, num_prompts=3, max_new_tokens=6)
     rng_before = torch.get_rng_state()
     cb.on_validation_epoch_end(trainer, module)
@@ -105,9 +118,13 @@ def test_generation_callback_config_composes():
 
 # -- slow: the whole miniature with reduced sizes, then the frontier notebook on its output ----
 SMALL = [
-    "corpus.n=1500", "prompts.n_train=96", "prompts.n_eval=24", "sample.max_new_tokens=24",
+    "corpus.n=1500",
+    "prompts.n_train=96",
+    "prompts.n_eval=24",
+    "sample.max_new_tokens=24",
     'sft.extra=["trainer.max_steps=60","trainer.val_check_interval=30"]',
-    "dpo.betas=[0.1,0.5]", 'dpo.extra=["trainer.max_steps=12","trainer.val_check_interval=6"]',
+    "dpo.betas=[0.1,0.5]",
+    'dpo.extra=["trainer.max_steps=12","trainer.val_check_interval=6"]',
 ]
 
 
@@ -130,7 +147,14 @@ def test_miniature_pipeline_end_to_end(small_run):
     assert rows[0]["kl"] == 0.0 and rows[1]["reward"] >= rows[0]["reward"]
     assert all(r["reward"] is not None and -1 <= r["reward"] <= 1 for r in rows)
     assert (run / "frontier.png").read_bytes()[:4] == b"\x89PNG"
-    for stage in ("corpus", "sft/hf_model", "samples", "pairs", "dpo/beta_0.1/hf_model", "dpo/beta_0.5/summary.json"):
+    for stage in (
+        "corpus",
+        "sft/hf_model",
+        "samples",
+        "pairs",
+        "dpo/beta_0.1/hf_model",
+        "dpo/beta_0.5/summary.json",
+    ):
         assert (run / stage).exists(), stage
     assert summary["data"]["pairs"] > 0 and json.loads((run / "summary.json").read_text())["points"]
 
@@ -143,8 +167,9 @@ def _execute_notebook(name: str, env: dict[str, str], timeout: int = 600) -> Non
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the kernel inherits the environment
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO)}}).execute()
+        NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        ).execute()
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
@@ -159,9 +184,12 @@ def test_frontier_notebook_executes(small_run, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path):
-    _execute_notebook("quickstart.ipynb", {
-        "DPO_NOTEBOOK_RUN_DIR": str(tmp_path / "run"),
-        "DPO_NOTEBOOK_OVERRIDES": "trainer.max_steps=12 trainer.val_check_interval=6 data.generator.n=200 "
-                                  "trainer.log_every_n_steps=2 callbacks.checkpoint=null",
-    })
+    _execute_notebook(
+        "quickstart.ipynb",
+        {
+            "DPO_NOTEBOOK_RUN_DIR": str(tmp_path / "run"),
+            "DPO_NOTEBOOK_OVERRIDES": "trainer.max_steps=12 trainer.val_check_interval=6 "
+            "data.generator.n=200 trainer.log_every_n_steps=2 callbacks.checkpoint=null",
+        },
+    )
     assert (tmp_path / "run" / "metrics.png").exists()

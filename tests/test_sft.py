@@ -18,7 +18,9 @@ from tests.conftest import compose, make_tiny_model
 def test_token_nll_is_token_weighted():
     # Two completions: 3 tokens with summed logp -3, 1 token with logp -5: (3 + 5) / 4 = 2,
     # not the mean of per-sequence means (1 + 5) / 2 = 3.
-    assert token_nll(torch.tensor([-3.0, -5.0]), torch.tensor([3.0, 1.0])).item() == pytest.approx(2.0)
+    assert token_nll(torch.tensor([-3.0, -5.0]), torch.tensor([3.0, 1.0])).item() == pytest.approx(
+        2.0
+    )
 
 
 def test_sft_rows_are_unique_winners_or_all_rows():
@@ -50,8 +52,9 @@ def test_sft_loss_matches_cross_entropy_on_chosen_rows(tokenizer):
     labels = batch["labels"][[0, 3]]
     mask = batch["attention_mask"][[0, 3]]
     logits = model(input_ids=rows, attention_mask=mask).logits
-    expected = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -61,13 +64,29 @@ def test_stage_group_selects_module():
 
 
 def test_sft_stage_on_text_lowers_loss_and_exports(tmp_path):
-    texts = ["The story was wonderful and moving. I loved it."] * 24 + ["The cast was dull. Avoid it."] * 24
+    texts = ["The story was wonderful and moving. I loved it."] * 24 + [
+        "The cast was dull. Avoid it."
+    ] * 24
     data = tmp_path / "text"
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(data))
     run = tmp_path / "run"
-    train(compose(["stage=sft", "data=text", f"data.path={data}", "trainer=cpu", "trainer.max_steps=12",
-                   "trainer.val_check_interval=6", "data.batch_size=8", "callbacks.progress_bar=null",
-                   "callbacks.checkpoint=null", "trainer.log_every_n_steps=1"], run))
+    train(
+        compose(
+            [
+                "stage=sft",
+                "data=text",
+                f"data.path={data}",
+                "trainer=cpu",
+                "trainer.max_steps=12",
+                "trainer.val_check_interval=6",
+                "data.batch_size=8",
+                "callbacks.progress_bar=null",
+                "callbacks.checkpoint=null",
+                "trainer.log_every_n_steps=1",
+            ],
+            run,
+        )
+    )
     summary = json.loads((run / "summary.json").read_text())
     lines = (run / "csv" / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")

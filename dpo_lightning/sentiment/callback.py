@@ -32,8 +32,15 @@ class GenerationLogger(L.Callback):
         table_key: name of the logged table.
     """
 
-    def __init__(self, reward: RewardFunction, every_n_validations: int = 1, num_prompts: int = 8,
-                 max_new_tokens: int = 32, seed: int = 0, table_key: str = "val/generations") -> None:
+    def __init__(
+        self,
+        reward: RewardFunction,
+        every_n_validations: int = 1,
+        num_prompts: int = 8,
+        max_new_tokens: int = 32,
+        seed: int = 0,
+        table_key: str = "val/generations",
+    ) -> None:
         self.reward = reward
         self.every = every_n_validations
         self.num_prompts, self.max_new_tokens = num_prompts, max_new_tokens
@@ -52,19 +59,34 @@ class GenerationLogger(L.Callback):
         policy = pl_module.policy
         was_training = policy.training
         with torch.random.fork_rng(devices=[]):
-            res = sample_and_score(policy, getattr(pl_module, "reference_model", None), dm.tokenizer,
-                                   prompts, prompt_ids, self.reward, k=1,
-                                   max_new_tokens=self.max_new_tokens, seed=self.seed)
+            res = sample_and_score(
+                policy,
+                getattr(pl_module, "reference_model", None),
+                dm.tokenizer,
+                prompts,
+                prompt_ids,
+                self.reward,
+                k=1,
+                max_new_tokens=self.max_new_tokens,
+                seed=self.seed,
+            )
         policy.train(was_training)
         pl_module.log("val/gen_reward", res.reward, on_epoch=True, batch_size=len(prompts))
         if getattr(pl_module, "reference_model", None) is not None:
             pl_module.log("val/gen_kl", res.kl, on_epoch=True, batch_size=len(prompts))
-        rows = [[trainer.global_step, p, c[0], float(r), float(lr)]
-                for p, c, r, lr in zip(prompts, res.completions, res.rewards[:, 0], res.log_ratios[:, 0])]
+        rows = [
+            [trainer.global_step, p, c[0], float(r), float(lr)]
+            for p, c, r, lr in zip(
+                prompts, res.completions, res.rewards[:, 0], res.log_ratios[:, 0], strict=True
+            )
+        ]
         for logger in trainer.loggers:
             if hasattr(logger, "log_table") and trainer.is_global_zero:
-                logger.log_table(key=self.table_key, columns=["step", "prompt", "completion", "reward", "log_ratio"],
-                                 data=rows)
+                logger.log_table(
+                    key=self.table_key,
+                    columns=["step", "prompt", "completion", "reward", "log_ratio"],
+                    data=rows,
+                )
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self._validations}

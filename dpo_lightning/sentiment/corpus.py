@@ -17,12 +17,19 @@ from transformers import PreTrainedTokenizerBase
 from dpo_lightning.data.synthetic import NEGATIVE, POSITIVE, SUBJECTS, TITLES
 
 OPENINGS = [
-    "I watched {title} last night.", "I saw {title} with my family.", "We went to see {title}.",
-    "{title} came out this week.", "I finally watched {title}.", "My friend picked {title}.",
+    "I watched {title} last night.",
+    "I saw {title} with my family.",
+    "We went to see {title}.",
+    "{title} came out this week.",
+    "I finally watched {title}.",
+    "My friend picked {title}.",
 ]
 SENTENCES = [
-    "{subject} was {a}.", "{subject} was {a} and {b}.", "{subject} felt {a}.",
-    "I thought {subject_l} was {a}.", "Honestly, {subject_l} was {a} and {b}.",
+    "{subject} was {a}.",
+    "{subject} was {a} and {b}.",
+    "{subject} felt {a}.",
+    "I thought {subject_l} was {a}.",
+    "Honestly, {subject_l} was {a} and {b}.",
 ]
 VERDICTS = {
     "pos": ["I loved it.", "I would watch it again.", "Highly recommended.", "A great film."],
@@ -38,7 +45,9 @@ def _review(rng: random.Random) -> str:
         pol = "pos" if rng.random() < bias else "neg"
         subject = rng.choice(SUBJECTS)
         a, b = rng.sample(LEXICON[pol], 2)
-        parts.append(rng.choice(SENTENCES).format(subject=subject, subject_l=subject.lower(), a=a, b=b))
+        parts.append(
+            rng.choice(SENTENCES).format(subject=subject, subject_l=subject.lower(), a=a, b=b)
+        )
     parts.append(rng.choice(VERDICTS["pos" if rng.random() < bias else "neg"]))
     return " ".join(parts)
 
@@ -54,17 +63,26 @@ def generated_reviews(n: int = 4000, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": review_texts(n, seed)})
 
 
-def hub_reviews(path: str = "stanfordnlp/imdb", split: str = "train", column: str = "text",
-                limit: int | None = None) -> datasets.Dataset:
+def hub_reviews(
+    path: str = "stanfordnlp/imdb",
+    split: str = "train",
+    column: str = "text",
+    limit: int | None = None,
+) -> datasets.Dataset:
     """Reviews from the hub (paper: IMDb train split), HTML line breaks removed, as ``text``."""
     ds = datasets.load_dataset(path, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds.map(lambda r: {"text": r[column].replace("<br />", " ")}, remove_columns=ds.column_names)
+    return ds.map(
+        lambda r: {"text": r[column].replace("<br />", " ")}, remove_columns=ds.column_names
+    )
 
 
 def review_prefixes(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, min_tokens: int = 2, max_tokens: int = 8,
+    texts: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+    min_tokens: int = 2,
+    max_tokens: int = 8,
     seed: int = 0,
 ) -> list[str]:
     """One prompt per text: its first n tokens (n uniform in [min_tokens, max_tokens]) decoded,

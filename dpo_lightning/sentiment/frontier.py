@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "n_samples"]
+COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "n_samples", "n"]
 
 
 def write_frontier_csv(rows: list[dict], path: Path) -> None:
@@ -27,7 +27,9 @@ def read_frontier_csv(path: Path) -> list[dict]:
     return rows
 
 
-def plot_frontier(rows: list[dict], path: Path, reward_name: str = "reward", title: str | None = None) -> None:
+def plot_frontier(
+    rows: list[dict], path: Path, reward_name: str = "reward", title: str | None = None
+) -> None:
     """Scatter reward vs KL: DPO runs as a line ordered by KL (annotated with β), SFT and
     best-of-N as reference markers. Uses the Agg backend (no display needed)."""
     import matplotlib
@@ -38,15 +40,25 @@ def plot_frontier(rows: list[dict], path: Path, reward_name: str = "reward", tit
     fig, ax = plt.subplots(figsize=(6, 4.5))
     dpo = sorted((r for r in rows if r["label"] not in ("sft", "best_of_n")), key=lambda r: r["kl"])
     if dpo:
-        ax.plot([r["kl"] for r in dpo], [r["reward"] for r in dpo], "o-", color="tab:blue", label="DPO")
+        ax.plot(
+            [r["kl"] for r in dpo], [r["reward"] for r in dpo], "o-", color="tab:blue", label="DPO"
+        )
         for r in dpo:
-            ax.annotate(f"β={r['beta']:g}", (r["kl"], r["reward"]), textcoords="offset points",
-                        xytext=(5, -10), fontsize=8)
+            ax.annotate(
+                f"β={r['beta']:g}",
+                (r["kl"], r["reward"]),
+                textcoords="offset points",
+                xytext=(5, -10),
+                fontsize=8,
+            )
     markers = {"sft": ("*", "tab:green", "SFT (π_ref)"), "best_of_n": ("X", "tab:red", "best-of-N")}
     for r in rows:
         if r["label"] in markers:
             marker, color, name = markers[r["label"]]
-            ax.scatter([r["kl"]], [r["reward"]], marker=marker, s=160, color=color, label=name, zorder=3)
+            name = name.replace("N", f"{r['n']:g}") if r.get("n") else name
+            ax.scatter(
+                [r["kl"]], [r["reward"]], marker=marker, s=160, color=color, label=name, zorder=3
+            )
     ax.set_xlabel("KL(π‖π_ref) per completion (nats)")
     ax.set_ylabel(f"mean {reward_name}")
     ax.set_title(title or "Reward vs KL frontier (held-out prefixes)")

@@ -19,8 +19,11 @@ class AllPairs:
     """Every pair (i, j) of the K completions with different scores, winner first."""
 
     def __call__(self, scores: list[float]) -> list[tuple[int, int]]:
-        return [(i, j) if scores[i] > scores[j] else (j, i)
-                for i, j in combinations(range(len(scores)), 2) if scores[i] != scores[j]]
+        return [
+            (i, j) if scores[i] > scores[j] else (j, i)
+            for i, j in combinations(range(len(scores)), 2)
+            if scores[i] != scores[j]
+        ]
 
 
 class BestVsWorst:
@@ -38,26 +41,40 @@ def preference_rows(
     """Pairs of every prompt as rows; pairs whose texts are equal or blank are skipped (no
     preference can be learnt from them and the data format rejects them)."""
     rows = []
-    for pid, (prompt, texts, row_scores) in enumerate(zip(prompts, completions, scores)):
+    for pid, (prompt, texts, row_scores) in enumerate(
+        zip(prompts, completions, scores, strict=True)
+    ):
         for w, lose in pairing(row_scores):
             if texts[w] == texts[lose] or not texts[w].strip() or not texts[lose].strip():
                 continue
-            rows.append({"prompt": prompt, "chosen": texts[w], "rejected": texts[lose],
-                         "chosen_score": float(row_scores[w]), "rejected_score": float(row_scores[lose]),
-                         "prompt_id": pid})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": texts[w],
+                    "rejected": texts[lose],
+                    "chosen_score": float(row_scores[w]),
+                    "rejected_score": float(row_scores[lose]),
+                    "prompt_id": pid,
+                }
+            )
     return rows
 
 
-def preference_dataset(rows: list[dict], val_fraction: float = 0.05, seed: int = 0) -> datasets.DatasetDict:
+def preference_dataset(
+    rows: list[dict], val_fraction: float = 0.05, seed: int = 0
+) -> datasets.DatasetDict:
     """``{train, validation}`` split **by prompt**, so no validation prompt is trained on."""
     if not rows:
-        raise ValueError("labelling produced no preference pairs: every prompt's completions tied "
-                         "or were blank; sample more completions (sample.k) or longer ones")
+        raise ValueError(
+            "labelling produced no preference pairs: every prompt's completions tied "
+            "or were blank; sample more completions (sample.k) or longer ones"
+        )
     ids = sorted({r["prompt_id"] for r in rows})
     random.Random(seed).shuffle(ids)
     n_val = max(1, round(val_fraction * len(ids))) if len(ids) > 1 else 0
     val_ids = set(ids[:n_val])
     train = [r for r in rows if r["prompt_id"] not in val_ids]
     val = [r for r in rows if r["prompt_id"] in val_ids] or train[:1]
-    return datasets.DatasetDict(train=datasets.Dataset.from_list(train),
-                                validation=datasets.Dataset.from_list(val))
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_list(train), validation=datasets.Dataset.from_list(val)
+    )

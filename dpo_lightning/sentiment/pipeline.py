@@ -66,19 +66,27 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
 
 def run_training(overrides: list[str], out_dir: Path, extra: list[str]) -> Path:
     """One ``dpo-train`` job in ``out_dir``; returns its exported ``hf_model/``."""
-    cfg = compose_train_config([*overrides, *extra, f"paths.output_dir={out_dir}",
-                                f"paths.group=dpo-sentiment-{out_dir.name}"])
+    cfg = compose_train_config(
+        [
+            *overrides,
+            *extra,
+            f"paths.output_dir={out_dir}",
+            f"paths.group=dpo-sentiment-{out_dir.name}",
+        ]
+    )
     train(cfg)
     return out_dir / "hf_model"
 
 
 # -- stages ------------------------------------------------------------------------------------
 def make_corpus(cfg: DictConfig, run: Path) -> tuple[list[str], list[str]]:
-    """Save the SFT corpus; return (training texts, held-out texts whose prefixes are eval prompts)."""
+    """Save the SFT corpus; return (training texts, held-out texts for eval prompts)."""
     texts = list(instantiate(cfg.corpus)["text"])
     n_eval = cfg.prompts.n_eval
     if len(texts) <= n_eval + 2:
-        raise ValueError(f"corpus has {len(texts)} texts: need more than prompts.n_eval + 2 = {n_eval + 2}")
+        raise ValueError(
+            f"corpus has {len(texts)} texts: need more than prompts.n_eval + 2 = {n_eval + 2}"
+        )
     train_texts, eval_texts = texts[:-n_eval], texts[-n_eval:]
     n_val = max(1, len(train_texts) // 50)
     datasets.DatasetDict(
@@ -89,7 +97,7 @@ def make_corpus(cfg: DictConfig, run: Path) -> tuple[list[str], list[str]]:
 
 
 def make_base(cfg: DictConfig, run: Path, texts: list[str]) -> str:
-    """The starting model folder: a hub id / folder as is, else built (or de-quantised) into ``base/``."""
+    """The starting model: a hub id / folder as is, else built (or de-quantised) into ``base/``."""
     base = cfg.base
     if base.name_or_path and not base.get("gguf_file"):
         return base.name_or_path
@@ -101,54 +109,108 @@ def make_base(cfg: DictConfig, run: Path, texts: list[str]) -> str:
         model = load_causal_lm(base.name_or_path, gguf_file=base.gguf_file, dtype=base.dtype)
     else:
         tokenizer = train_bpe_tokenizer(texts, base.tokenizer_vocab_size)
-        model = load_causal_lm(config=OmegaConf.to_container(base.config), vocab_size=len(tokenizer),
-                               seed=cfg.seed)
+        model = load_causal_lm(
+            config=OmegaConf.to_container(base.config), vocab_size=len(tokenizer), seed=cfg.seed
+        )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return str(out)
 
 
-def make_pairs(cfg: DictConfig, run: Path, sft_path: Path, prompts: list[str], reward) -> dict[str, Any]:
+def make_pairs(
+    cfg: DictConfig, run: Path, sft_path: Path, prompts: list[str], reward
+) -> dict[str, Any]:
     """Sample K completions per prompt from π_SFT, score them, save ``samples/`` and ``pairs/``."""
     tokenizer = load_tokenizer(str(sft_path))
     model = load_causal_lm(str(sft_path)).to(_device())
     s = cfg.sample
-    ids = sample_completions(model, tokenizer, encode_prompts(tokenizer, prompts), s.k, s.max_new_tokens,
-                             s.batch_size, s.temperature, seed=cfg.seed)
+    ids = sample_completions(
+        model,
+        tokenizer,
+        encode_prompts(tokenizer, prompts),
+        s.k,
+        s.max_new_tokens,
+        s.batch_size,
+        s.temperature,
+        seed=cfg.seed,
+    )
     texts = decode_completions(tokenizer, ids)
-    scores = reward([p + c for p, row in zip(prompts, texts) for c in row]).view(len(prompts), s.k).tolist()
-    datasets.Dataset.from_dict({"prompt": prompts, "completions": texts, "scores": scores}).save_to_disk(
-        str(run / "samples"))
+    scores = (
+        reward([p + c for p, row in zip(prompts, texts, strict=True) for c in row])
+        .view(len(prompts), s.k)
+        .tolist()
+    )
+    datasets.Dataset.from_dict(
+        {"prompt": prompts, "completions": texts, "scores": scores}
+    ).save_to_disk(str(run / "samples"))
     rows = preference_rows(prompts, texts, scores, instantiate(cfg.label.pairing))
     preference_dataset(rows, cfg.label.val_fraction, cfg.seed).save_to_disk(str(run / "pairs"))
-    return {"prompts": len(prompts), "completions": len(prompts) * s.k, "pairs": len(rows),
-            "mean_sample_reward": float(torch.tensor(scores).mean())}
+    return {
+        "prompts": len(prompts),
+        "completions": len(prompts) * s.k,
+        "pairs": len(rows),
+        "mean_sample_reward": float(torch.tensor(scores).mean()),
+    }
 
 
-def evaluate_all(cfg: DictConfig, run: Path, sft_path: Path, dpo_paths: dict[float, Path],
-                 prompts: list[str], reward) -> list[dict[str, Any]]:
+def evaluate_all(
+    cfg: DictConfig,
+    run: Path,
+    sft_path: Path,
+    dpo_paths: dict[float, Path],
+    prompts: list[str],
+    reward,
+) -> list[dict[str, Any]]:
     """Frontier rows: SFT and best-of-N from N samples of π_SFT, then each DPO policy."""
     e, device = cfg.evaluate, _device()
     tokenizer = load_tokenizer(str(sft_path))
     prompt_ids = encode_prompts(tokenizer, prompts)
     reference = load_causal_lm(str(sft_path)).to(device)
-    args = dict(tokenizer=tokenizer, prompts=prompts, prompt_ids=prompt_ids, reward=reward,
-                max_new_tokens=cfg.sample.max_new_tokens, batch_size=cfg.sample.batch_size, seed=cfg.seed + 1)
+    args = dict(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        prompt_ids=prompt_ids,
+        reward=reward,
+        max_new_tokens=cfg.sample.max_new_tokens,
+        batch_size=cfg.sample.batch_size,
+        seed=cfg.seed + 1,
+    )
     sft = sample_and_score(reference, None, k=e.best_of_n, **args)
     n = e.best_of_n
     rows = [
-        {"label": "sft", "beta": None, "reward": sft.reward, "kl": 0.0,
-         "reward_std": float(sft.rewards.std()), "n_samples": sft.rewards.numel()},
-        {"label": "best_of_n", "beta": None, "reward": best_of_n_reward(sft.rewards), "kl": best_of_n_kl(n),
-         "reward_std": float(sft.rewards.max(1).values.std()), "n_samples": sft.rewards.numel()},
+        {
+            "label": "sft",
+            "beta": None,
+            "reward": sft.reward,
+            "kl": 0.0,
+            "reward_std": float(sft.rewards.std()),
+            "n_samples": sft.rewards.numel(),
+        },
+        {
+            "label": "best_of_n",
+            "beta": None,
+            "reward": best_of_n_reward(sft.rewards),
+            "kl": best_of_n_kl(n),
+            "n": n,
+            "reward_std": float(sft.rewards.max(1).values.std()),
+            "n_samples": sft.rewards.numel(),
+        },
     ]
     _write_examples(run / "eval" / "sft.jsonl", sft)
     for beta, path in dpo_paths.items():
         policy = load_causal_lm(str(path)).to(device)
         res = sample_and_score(policy, reference, k=e.samples_per_prompt, **args)
         label = f"dpo_beta_{beta:g}"
-        rows.append({"label": label, "beta": beta, "reward": res.reward, "kl": res.kl,
-                     "reward_std": float(res.rewards.std()), "n_samples": res.rewards.numel()})
+        rows.append(
+            {
+                "label": label,
+                "beta": beta,
+                "reward": res.reward,
+                "kl": res.kl,
+                "reward_std": float(res.rewards.std()),
+                "n_samples": res.rewards.numel(),
+            }
+        )
         _write_examples(run / "eval" / f"{label}.jsonl", res)
     return rows
 
@@ -157,8 +219,17 @@ def _write_examples(path: Path, res, n: int = 20) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         for i in range(min(n, len(res.prompts))):
-            f.write(json.dumps({"prompt": res.prompts[i], "completion": res.completions[i][0],
-                                "reward": float(res.rewards[i, 0]), "log_ratio": float(res.log_ratios[i, 0])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": res.prompts[i],
+                        "completion": res.completions[i][0],
+                        "reward": float(res.rewards[i, 0]),
+                        "log_ratio": float(res.log_ratios[i, 0]),
+                    }
+                )
+                + "\n"
+            )
 
 
 def _device() -> torch.device:
@@ -182,34 +253,57 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     train_texts, eval_texts = make_corpus(cfg, run)
     base = make_base(cfg, run, train_texts)
     tick("corpus+base")
-    sft = run_training([*cfg.sft.overrides, *cfg.sft.get("extra", [])], run / "sft",
-                       [f"model.name_or_path={base}", f"data.path={run / 'corpus'}", f"seed={cfg.seed}"])
+    sft = run_training(
+        [*cfg.sft.overrides, *cfg.sft.get("extra", [])],
+        run / "sft",
+        [f"model.name_or_path={base}", f"data.path={run / 'corpus'}", f"seed={cfg.seed}"],
+    )
     tick("sft")
     tokenizer = load_tokenizer(str(sft))
     p = cfg.prompts
-    train_prompts = review_prefixes(train_texts[: p.n_train], tokenizer, p.min_tokens, p.max_tokens, cfg.seed)
+    train_prompts = review_prefixes(
+        train_texts[: p.n_train], tokenizer, p.min_tokens, p.max_tokens, cfg.seed
+    )
     eval_prompts = review_prefixes(eval_texts, tokenizer, p.min_tokens, p.max_tokens, cfg.seed + 1)
     data_stats = make_pairs(cfg, run, sft, train_prompts, reward)
     tick("sample+label")
     dpo = {}
     for beta in cfg.dpo.betas:
         dpo[float(beta)] = run_training(
-            [*cfg.dpo.overrides, *cfg.dpo.get("extra", [])], run / "dpo" / f"beta_{beta:g}",
-            [f"model.name_or_path={sft}", f"data.path={run / 'pairs'}", f"loss.beta={beta}", f"seed={cfg.seed}"])
+            [*cfg.dpo.overrides, *cfg.dpo.get("extra", [])],
+            run / "dpo" / f"beta_{beta:g}",
+            [
+                f"model.name_or_path={sft}",
+                f"data.path={run / 'pairs'}",
+                f"loss.beta={beta}",
+                f"seed={cfg.seed}",
+            ],
+        )
     tick("dpo")
     rows = evaluate_all(cfg, run, sft, dpo, eval_prompts, reward)
     write_frontier_csv(rows, run / "frontier.csv")
     plot_frontier(rows, run / "frontier.png", getattr(reward, "name", "reward"), cfg.get("title"))
     tick("evaluate")
-    summary = {"run_dir": str(run), "points": rows, "data": data_stats, "stage_seconds": times,
-               "wall_seconds": round(time.perf_counter() - start, 2),
-               "frontier_csv": str(run / "frontier.csv"), "frontier_png": str(run / "frontier.png")}
+    summary = {
+        "run_dir": str(run),
+        "points": rows,
+        "data": data_stats,
+        "stage_seconds": times,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "frontier_csv": str(run / "frontier.csv"),
+        "frontier_png": str(run / "frontier.png"),
+    }
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in rows:
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
-        print(f"[dpo-sentiment] {r['label']:>16} β={beta:<5} reward={r['reward']:.4f} KL={r['kl']:.3f}")
-    print(f"[dpo-sentiment] wrote {run / 'frontier.csv'} and {run / 'frontier.png'} "
-          f"in {summary['wall_seconds']:.0f} s")
+        print(
+            f"[dpo-sentiment] {r['label']:>16} β={beta:<5} "
+            f"reward={r['reward']:.4f} KL={r['kl']:.3f}"
+        )
+    print(
+        f"[dpo-sentiment] wrote {run / 'frontier.csv'} and {run / 'frontier.png'} "
+        f"in {summary['wall_seconds']:.0f} s"
+    )
     return summary
 
 

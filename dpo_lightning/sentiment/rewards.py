@@ -31,7 +31,9 @@ class VaderReward(RewardFunction):
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError as err:  # an optional extra
-            raise ImportError("VaderReward needs vaderSentiment: pip install 'dpo-lightning[sentiment]'") from err
+            raise ImportError(
+                "VaderReward needs vaderSentiment: pip install 'dpo-lightning[sentiment]'"
+            ) from err
         self.analyzer = SentimentIntensityAnalyzer()
 
     def __call__(self, texts: list[str]) -> Tensor:
@@ -51,13 +53,21 @@ class ClassifierReward(RewardFunction):
 
     name = "p(positive)"
 
-    def __init__(self, name_or_path: str, positive_label: str = "POSITIVE", batch_size: int = 64,
-                 max_length: int = 512, device: str | None = None) -> None:
+    def __init__(
+        self,
+        name_or_path: str,
+        positive_label: str = "POSITIVE",
+        batch_size: int = 64,
+        max_length: int = 512,
+        device: str | None = None,
+    ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
+        )
         labels = {v: int(k) for k, v in self.model.config.id2label.items()}
         if positive_label not in labels:
             raise ValueError(
@@ -71,8 +81,13 @@ class ClassifierReward(RewardFunction):
     def __call__(self, texts: list[str]) -> Tensor:
         out = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i : i + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt").to(self.device)
+            enc = self.tokenizer(
+                texts[i : i + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)
             probs = self.model(**enc).logits.float().softmax(-1)  # (b, labels)
             out.append(probs[:, self.positive].cpu())
         return torch.cat(out) if out else torch.zeros(0)

@@ -70,9 +70,16 @@ def sample_completions(
         chunk = prompt_ids[start : start + batch_size]
         ids, mask = left_pad(chunk, pad)
         generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-            temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens,
-            num_return_sequences=k, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
         )[:, ids.shape[1] :].tolist()  # (len(chunk) * k, new), each prompt's k rows adjacent
         for i in range(len(chunk)):
             out.append([cut_at_eos(generated[i * k + j], tokenizer.eos_token_id) for j in range(k)])
@@ -98,12 +105,21 @@ def completion_logps(
     k = len(completion_ids[0])
     rows = []
     for start in range(0, len(prompt_ids), batch_size):
-        batch = collate([
-            {"prompt_ids": p, "completion_ids": c, "pairs": []}
-            for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
-        ])
+        batch = collate(
+            [
+                {"prompt_ids": p, "completion_ids": c, "pairs": []}
+                for p, c in zip(
+                    prompt_ids[start : start + batch_size],
+                    completion_ids[start : start + batch_size],
+                    strict=True,
+                )
+            ]
+        )
         stats = concatenated_forward(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device)
+            model,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["labels"].to(device),
         )
         rows.append(stats.logps.float().cpu())
     return torch.cat(rows).view(len(prompt_ids), k)
