@@ -22,7 +22,7 @@ def compose_pipeline(overrides: list[str], run_dir: Path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hcompose(
             "sentiment",
-            overrides=[*overrides, f"hydra.run.dir={run_dir}"],
+            overrides=[*overrides, f"hydra.run.dir={run_dir}", f"paths.output_dir={run_dir}"],
             return_hydra_config=True,
         )
         HydraConfig.instance().set_config(cfg)
