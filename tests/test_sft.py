@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.sentiment.pipeline import compose_train_config
 from dpo_lightning.sft import SFTModule, TextFormat, sft_rows, token_nll
 from dpo_lightning.train import train
 from tests.conftest import compose, make_tiny_model
@@ -71,7 +72,7 @@ def test_sft_stage_on_text_lowers_loss_and_exports(tmp_path):
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(data))
     run = tmp_path / "run"
     train(
-        compose(
+        compose_train_config(
             [
                 "stage=sft",
                 "data=text",
@@ -83,8 +84,9 @@ def test_sft_stage_on_text_lowers_loss_and_exports(tmp_path):
                 "callbacks.progress_bar=null",
                 "callbacks.checkpoint=null",
                 "trainer.log_every_n_steps=1",
-            ],
-            run,
+                f"paths.output_dir={run}",
+                "paths.group=test",
+            ]
         )
     )
     summary = json.loads((run / "summary.json").read_text())
