@@ -27,7 +27,6 @@ from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.checkpointing import csv_histories
 from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
-from dpo_lightning.module import DPOModule
 from dpo_lightning.preflight import preflight
 from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
 from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
@@ -67,19 +66,17 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     datamodule.setup("fit")  # validate and tokenize before any model work
 
-    engine = instantiate(cfg.engine) if cfg.get("engine") else None
-    if engine is not None:
-        engine.prepare(datamodule)  # the engine's batch layout (collator) and batch order
-
     policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
-    module = DPOModule(
+    # The stage group (stage=dpo|sft) names the LightningModule and what else it needs.
+    module = instantiate(
+        cfg.stage.module,
         policy=policy,
-        loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
-        reference=instantiate(cfg.reference) if cfg.get("reference") else None,
-        engine=engine,
     )
+    engine = getattr(module, "engine", None)  # the stage's forward engine (conf/engine)
+    if engine is not None:
+        engine.prepare(datamodule)  # its batch layout (collator) and batch order
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()

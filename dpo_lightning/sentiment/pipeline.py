@@ -1,0 +1,316 @@
+"""``dpo-sentiment``: the DPO paper's controlled-sentiment experiment, all stages in one run dir.
+
+    dpo-sentiment                                   # offline miniature (CPU, a few minutes)
+    dpo-sentiment 'dpo.betas=[0.05,0.5]' sample.k=8 # Hydra overrides of any stage
+    dpo-sentiment pipeline=paper                    # paper scale: gpt2-large, IMDb, siebert (GPU)
+
+Stages (each reads the previous one's output folder, see :func:`run_pipeline`):
+
+1. ``corpus/``  review texts (``corpus._target_``), saved as ``{train, validation}`` with ``text``;
+2. ``base/``    the starting LM + tokenizer (``base.name_or_path``, or built from ``base.config``
+   with a BPE trained on the corpus; a ``base.gguf_file`` is de-quantised and saved here);
+3. ``sft/``     ``dpo-train stage=sft data=text`` on the corpus → ``sft/hf_model`` (= π_ref);
+4. ``samples/`` K completions per training prefix from π_SFT, scored by ``reward``;
+5. ``pairs/``   preference pairs (``label.pairing``) as a ``{train, validation}`` dataset;
+6. ``dpo/beta_<β>/`` one ``dpo-train`` run per β from π_SFT (reference = π_SFT);
+7. ``frontier.csv`` / ``frontier.png`` / ``summary.json``: mean reward and KL(π‖π_ref) on
+   held-out prefixes for SFT, best-of-N and every DPO run.
+
+Training stages call :func:`dpo_lightning.train.train` in-process with a config composed from
+``conf/train.yaml`` and the stage's ``overrides`` list, so every ``dpo-train`` option applies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dpo_lightning.models import load_causal_lm
+from dpo_lightning.sentiment.corpus import review_prefixes
+from dpo_lightning.sentiment.evaluate import (
+    best_of_n_kl,
+    best_of_n_reward,
+    decode_completions,
+    sample_and_score,
+)
+from dpo_lightning.sentiment.frontier import plot_frontier, write_frontier_csv
+from dpo_lightning.sentiment.label import preference_dataset, preference_rows
+from dpo_lightning.sentiment.sampling import encode_prompts, sample_completions
+from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
+from dpo_lightning.train import CONF_DIR, train
+
+
+def compose_train_config(overrides: list[str]) -> DictConfig:
+    """``conf/train.yaml`` composed with ``overrides`` (works inside a running Hydra app: the
+    global Hydra state is saved and restored around the compose)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.singleton import Singleton
+
+    state = Singleton.get_state()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=overrides)
+    finally:
+        Singleton.set_state(state)
+
+
+def run_training(overrides: list[str], out_dir: Path, extra: list[str]) -> Path:
+    """One ``dpo-train`` job in ``out_dir``; returns its exported ``hf_model/``."""
+    cfg = compose_train_config(
+        [
+            *overrides,
+            *extra,
+            f"paths.output_dir={out_dir}",
+            f"paths.group=dpo-sentiment-{out_dir.name}",
+        ]
+    )
+    train(cfg)
+    return out_dir / "hf_model"
+
+
+# -- stages ------------------------------------------------------------------------------------
+def make_corpus(cfg: DictConfig, run: Path) -> tuple[list[str], list[str]]:
+    """Save the SFT corpus; return (training texts, held-out texts for eval prompts)."""
+    texts = list(instantiate(cfg.corpus)["text"])
+    n_eval = cfg.prompts.n_eval
+    if len(texts) <= n_eval + 2:
+        raise ValueError(
+            f"corpus has {len(texts)} texts: need more than prompts.n_eval + 2 = {n_eval + 2}"
+        )
+    train_texts, eval_texts = texts[:-n_eval], texts[-n_eval:]
+    n_val = max(1, len(train_texts) // 50)
+    datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": train_texts[n_val:]}),
+        validation=datasets.Dataset.from_dict({"text": train_texts[:n_val]}),
+    ).save_to_disk(str(run / "corpus"))
+    return train_texts, eval_texts
+
+
+def make_base(cfg: DictConfig, run: Path, texts: list[str]) -> str:
+    """The starting model: a hub id / folder as is, else built (or de-quantised) into ``base/``."""
+    base = cfg.base
+    if base.name_or_path and not base.get("gguf_file"):
+        return base.name_or_path
+    out = run / "base"
+    if base.name_or_path:  # GGUF: transformers de-quantises; save plain weights for every stage
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(base.name_or_path, gguf_file=base.gguf_file)
+        model = load_causal_lm(base.name_or_path, gguf_file=base.gguf_file, dtype=base.dtype)
+    else:
+        tokenizer = train_bpe_tokenizer(texts, base.tokenizer_vocab_size)
+        model = load_causal_lm(
+            config=OmegaConf.to_container(base.config), vocab_size=len(tokenizer), seed=cfg.seed
+        )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def make_pairs(
+    cfg: DictConfig, run: Path, sft_path: Path, prompts: list[str], reward
+) -> dict[str, Any]:
+    """Sample K completions per prompt from π_SFT, score them, save ``samples/`` and ``pairs/``."""
+    tokenizer = load_tokenizer(str(sft_path))
+    model = load_causal_lm(str(sft_path)).to(_device())
+    s = cfg.sample
+    ids = sample_completions(
+        model,
+        tokenizer,
+        encode_prompts(tokenizer, prompts),
+        s.k,
+        s.max_new_tokens,
+        s.batch_size,
+        s.temperature,
+        seed=cfg.seed,
+    )
+    texts = decode_completions(tokenizer, ids)
+    scores = (
+        reward([p + c for p, row in zip(prompts, texts, strict=True) for c in row])
+        .view(len(prompts), s.k)
+        .tolist()
+    )
+    datasets.Dataset.from_dict(
+        {"prompt": prompts, "completions": texts, "scores": scores}
+    ).save_to_disk(str(run / "samples"))
+    rows = preference_rows(prompts, texts, scores, instantiate(cfg.label.pairing))
+    preference_dataset(rows, cfg.label.val_fraction, cfg.seed).save_to_disk(str(run / "pairs"))
+    return {
+        "prompts": len(prompts),
+        "completions": len(prompts) * s.k,
+        "pairs": len(rows),
+        "mean_sample_reward": float(torch.tensor(scores).mean()),
+    }
+
+
+def evaluate_all(
+    cfg: DictConfig,
+    run: Path,
+    sft_path: Path,
+    dpo_paths: dict[float, Path],
+    prompts: list[str],
+    reward,
+) -> list[dict[str, Any]]:
+    """Frontier rows: SFT and best-of-N from N samples of π_SFT, then each DPO policy."""
+    e, device = cfg.evaluate, _device()
+    tokenizer = load_tokenizer(str(sft_path))
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    reference = load_causal_lm(str(sft_path)).to(device)
+    args = dict(
+        tokenizer=tokenizer,
+        prompts=prompts,
+        prompt_ids=prompt_ids,
+        reward=reward,
+        max_new_tokens=cfg.sample.max_new_tokens,
+        batch_size=cfg.sample.batch_size,
+        seed=cfg.seed + 1,
+    )
+    sft = sample_and_score(reference, None, k=e.best_of_n, **args)
+    n = e.best_of_n
+    rows = [
+        {
+            "label": "sft",
+            "beta": None,
+            "reward": sft.reward,
+            "kl": 0.0,
+            "reward_std": float(sft.rewards.std()),
+            "n_samples": sft.rewards.numel(),
+        },
+        {
+            "label": "best_of_n",
+            "beta": None,
+            "reward": best_of_n_reward(sft.rewards),
+            "kl": best_of_n_kl(n),
+            "n": n,
+            "reward_std": float(sft.rewards.max(1).values.std()),
+            "n_samples": sft.rewards.numel(),
+        },
+    ]
+    _write_examples(run / "eval" / "sft.jsonl", sft)
+    for beta, path in dpo_paths.items():
+        policy = load_causal_lm(str(path)).to(device)
+        res = sample_and_score(policy, reference, k=e.samples_per_prompt, **args)
+        label = f"dpo_beta_{beta:g}"
+        rows.append(
+            {
+                "label": label,
+                "beta": beta,
+                "reward": res.reward,
+                "kl": res.kl,
+                "reward_std": float(res.rewards.std()),
+                "n_samples": res.rewards.numel(),
+            }
+        )
+        _write_examples(run / "eval" / f"{label}.jsonl", res)
+    return rows
+
+
+def _write_examples(path: Path, res, n: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(min(n, len(res.prompts))):
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": res.prompts[i],
+                        "completion": res.completions[i][0],
+                        "reward": float(res.rewards[i, 0]),
+                        "log_ratio": float(res.log_ratios[i, 0]),
+                    }
+                )
+                + "\n"
+            )
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -- the chain ---------------------------------------------------------------------------------
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run every stage in ``cfg.paths.output_dir``; returns (and writes) ``summary.json``."""
+    run = Path(cfg.paths.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    start, times = time.perf_counter(), {}
+
+    def tick(name: str) -> None:
+        times[name] = round(time.perf_counter() - start - sum(times.values()), 2)
+        print(f"[dpo-sentiment] {name} done ({times[name]:.1f} s)")
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(cfg.num_threads)
+    reward = instantiate(cfg.reward)  # fail on a missing reward package before any training
+    train_texts, eval_texts = make_corpus(cfg, run)
+    base = make_base(cfg, run, train_texts)
+    tick("corpus+base")
+    sft = run_training(
+        [*cfg.sft.overrides, *cfg.sft.get("extra", [])],
+        run / "sft",
+        [f"model.name_or_path={base}", f"data.path={run / 'corpus'}", f"seed={cfg.seed}"],
+    )
+    tick("sft")
+    tokenizer = load_tokenizer(str(sft))
+    p = cfg.prompts
+    train_prompts = review_prefixes(
+        train_texts[: p.n_train], tokenizer, p.min_tokens, p.max_tokens, cfg.seed
+    )
+    eval_prompts = review_prefixes(eval_texts, tokenizer, p.min_tokens, p.max_tokens, cfg.seed + 1)
+    data_stats = make_pairs(cfg, run, sft, train_prompts, reward)
+    tick("sample+label")
+    dpo = {}
+    for beta in cfg.dpo.betas:
+        dpo[float(beta)] = run_training(
+            [*cfg.dpo.overrides, *cfg.dpo.get("extra", [])],
+            run / "dpo" / f"beta_{beta:g}",
+            [
+                f"model.name_or_path={sft}",
+                f"data.path={run / 'pairs'}",
+                f"loss.beta={beta}",
+                f"seed={cfg.seed}",
+            ],
+        )
+    tick("dpo")
+    rows = evaluate_all(cfg, run, sft, dpo, eval_prompts, reward)
+    write_frontier_csv(rows, run / "frontier.csv")
+    plot_frontier(rows, run / "frontier.png", getattr(reward, "name", "reward"), cfg.get("title"))
+    tick("evaluate")
+    summary = {
+        "run_dir": str(run),
+        "points": rows,
+        "data": data_stats,
+        "stage_seconds": times,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "frontier_csv": str(run / "frontier.csv"),
+        "frontier_png": str(run / "frontier.png"),
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for r in rows:
+        beta = "" if r["beta"] is None else f"{r['beta']:g}"
+        print(
+            f"[dpo-sentiment] {r['label']:>16} β={beta:<5} "
+            f"reward={r['reward']:.4f} KL={r['kl']:.3f}"
+        )
+    print(
+        f"[dpo-sentiment] wrote {run / 'frontier.csv'} and {run / 'frontier.png'} "
+        f"in {summary['wall_seconds']:.0f} s"
+    )
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sentiment")
+def main(cfg: DictConfig) -> None:
+    run_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    main()
