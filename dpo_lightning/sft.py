@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dpo_lightning.data.formats import require_text
+from dpo_lightning.data.formats import RowFormat, require_text
 from dpo_lightning.logps import concatenated_forward
 
 
@@ -104,7 +104,7 @@ class SFTModule(L.LightningModule):
         }
 
 
-class TextFormat:
+class TextFormat(RowFormat):
     """Plain text rows ``{text}`` for language-model fine-tuning: an empty prompt (the tokenizer
     adds BOS where the model uses one), the text as the single completion, no pairs.
 
@@ -112,11 +112,7 @@ class TextFormat:
         columns: ``{"text": your column}`` when the text column has another name.
     """
 
-    def __init__(self, columns: dict[str, str] | None = None) -> None:
-        self.column = (dict(columns or {})).get("text", "text")
-
-    def source_columns(self) -> list[str]:
-        return [self.column]
+    fields = ("text",)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"prompt": "", "completions": [require_text(row, self.column)], "pairs": []}
+        return {"prompt": "", "completions": [require_text(row, self.col("text"))], "pairs": []}

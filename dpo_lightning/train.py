@@ -20,6 +20,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.adapters import build_lora, save_policy
@@ -83,6 +84,8 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [*(c for c in callbacks if c is not throughput), throughput]
     callbacks += reliability_callbacks(cfg)
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
+    if not loggers:  # logger=none: an LR monitor would refuse to start with nothing to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     histories = csv_histories(loggers, resume["global_step"]) if resume else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:

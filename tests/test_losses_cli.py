@@ -49,7 +49,7 @@ def test_every_issue_loss_has_a_config():
 @pytest.fixture(scope="module")
 def datamodule(tokenizer):
     dm = PreferenceDataModule(
-        tokenizer, generator=functools.partial(sentiment_pairs, n=40), batch_size=4, max_length=40
+        tokenizer, generator=functools.partial(sentiment_pairs, n=40), batch_size=4, max_length=96
     )
     dm.setup("fit")
     return dm
