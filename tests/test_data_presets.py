@@ -52,8 +52,7 @@ def test_bad_file_with_skip_trains_and_lists_every_kind(tmp_path):
         [
             "data=file",
             f"data.path={BAD}",
-            "data.format._target_=dpo_lightning.data.ranked.RankedFormat",
-            "+data.format.chat=true",
+            "data.format={_target_:dpo_lightning.data.ranked.RankedFormat,chat:true}",
             "data.on_invalid=skip",
             *SMALL,
             "data.max_length=256",
