@@ -256,7 +256,7 @@ def test_columns_and_auto_format_from_the_config(tokenizer, tmp_path):
     rows = [{"question": f"Q{i}?", "good": " yes", "bad": f" no {i}"} for i in range(6)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cols = ["data.columns.prompt=question", "data.columns.chosen=good", "data.columns.rejected=bad"]
-    for fmt in ([], ["data.format=auto"]):
+    for fmt in (["data.format=standard"], []):  # data=file detects the format by default
         cfg = compose(
             ["data=file", f"data.path={path}", f"data.cache_dir={tmp_path}/c", *cols, *fmt]
         )

@@ -126,15 +126,14 @@ class ConversationalFormat(RowFormat):
         return tokenize_chat_batch(batch, tokenizer, limits)
 
 
-def chat_completion_ids(
+def completion_after_prompt(
     tokenizer: PreTrainedTokenizerBase,
     prompt_text: str,
     prompt_ids: list[int],
-    messages: list[dict],
+    full_text: str,
+    full_ids: list[int],
 ) -> tuple[list[int] | None, str | None]:
     """Completion ids after ``prompt_ids`` and a note (``None`` ids: not a prefix, drop)."""
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
         return full_ids[len(prompt_ids) :], None
     if full_text.startswith(prompt_text) and full_text[len(prompt_text) :].strip():
@@ -146,25 +145,35 @@ def chat_completion_ids(
 def tokenize_chat_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, limits: Limits
 ) -> dict[str, list]:
-    """``datasets.map(batched=True)`` function for message-list rows; see the module docstring."""
+    """``datasets.map(batched=True)`` function for message-list rows; see the module docstring.
+
+    Renders every prompt and conversation of the batch first, then tokenises them in two calls.
+    """
+    render = tokenizer.apply_chat_template
+    prompts = batch["prompt"]
+    prompt_texts = [render(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    full_texts = [
+        [render(p + c, tokenize=False) for c in cs]
+        for p, cs in zip(prompts, batch["completions"], strict=True)
+    ]
+    prompt_ids_all = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
+    flat = tokenizer([t for ts in full_texts for t in ts], add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     out: dict[str, list] = {}
-    for i, prompt in enumerate(batch["prompt"]):
-        prompt_text = tokenizer.apply_chat_template(
-            prompt, tokenize=False, add_generation_prompt=True
-        )
-        raw_prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    at = 0
+    for i, raw_prompt_ids in enumerate(prompt_ids_all):
         prompt_ids = dedup_bos(raw_prompt_ids, bos)
         comps, notes, drop = [], [], None
-        for completion in batch["completions"][i]:
-            ids, note = chat_completion_ids(
-                tokenizer, prompt_text, raw_prompt_ids, prompt + completion
+        for full_text in full_texts[i]:
+            ids, note = completion_after_prompt(
+                tokenizer, prompt_texts[i], raw_prompt_ids, full_text, flat[at]
             )
+            at += 1
             if ids is None:
                 drop = note
-                break
-            comps.append(ids)
-            notes += [note] if note else []
+            else:
+                comps.append(ids)
+                notes += [note] if note else []
         if drop is None:
             has_bos = bool(prompt_ids) and prompt_ids[0] == bos
             ex = truncate(

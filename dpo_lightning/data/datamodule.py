@@ -215,7 +215,7 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir = self.cache_dir or default_cache_dir()
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_file = cache_dir / f"tokenized-{fp}.arrow"
-        hit = cache_file.exists()
+        hit = any(cache_dir.glob(f"tokenized-{fp}*.arrow"))  # num_proc writes one file per shard
         report.tokenize_cache = "hit" if hit and report.tokenize_cache != "miss" else "miss"
         raw = datasets.Dataset.from_list(rows)
         tokenized = raw.map(

@@ -10,7 +10,7 @@ Text formats (this module, :class:`~dpo_lightning.data.ranked.RankedFormat`) giv
 :class:`~dpo_lightning.data.chat.ConversationalFormat` gives message lists rendered later with the
 tokenizer's chat template. Each format says how its rows are tokenised (``tokenize_batch``).
 
-Formats by config name (``data.format=<name>``): see :data:`FORMATS`.
+Formats by config name (``data.format=<name>``): see :data:`dpo_lightning.data.auto.FORMATS`.
 """
 
 from __future__ import annotations
