@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 
+from dpo_lightning.engine import PaddedEngine
 from dpo_lightning.logps import CompletionStats
 
 
@@ -41,7 +42,8 @@ class CopyReference(ReferenceStrategy):
     @torch.no_grad()
     def completion_logps(self, module: nn.Module, batch: dict) -> CompletionStats:
         # The module's engine: the reference reads the same (possibly packed) batch layout.
-        return module.engine(module.reference_model, batch)
+        engine = getattr(module, "engine", None) or PaddedEngine()
+        return engine(module.reference_model, batch)
 
 
 class NoReference(ReferenceStrategy):
