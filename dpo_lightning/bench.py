@@ -146,21 +146,26 @@ def make_model(shape: str, device: str):
 
 
 class StepClock:
-    """Wall time between consecutive optimizer-step ends (device synchronised)."""
+    """Wall time between consecutive optimizer-step ends (device synchronised), and the process's
+    CPU time over the same spans (on a shared CPU with ``--threads 1``: the work, without the
+    neighbours' load)."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.times, self._last = device, [], None
+        self.device, self.times, self.cpu_times, self._last = device, [], [], None
 
     def tick(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if self._last is not None:
-            self.times.append(now - self._last)
+            self.times.append(now[0] - self._last[0])
+            self.cpu_times.append(now[1] - self._last[1])
         self._last = now
 
 
-def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: str) -> list[float]:
+def run_dpo_lightning(
+    args: argparse.Namespace, examples: list[dict], device: str
+) -> tuple[list[float], list[float]]:
     import datasets
     import lightning as L
 
@@ -229,10 +234,12 @@ def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: st
         callbacks=[Clock()],
     )
     trainer.fit(module, datamodule=datamodule)
-    return clock.times[args.warmup :]
+    return clock.times[args.warmup :], clock.cpu_times[args.warmup :]
 
 
-def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> list[float]:
+def run_trl(
+    args: argparse.Namespace, examples: list[dict], device: str
+) -> tuple[list[float], list[float]]:
     import datasets
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -276,7 +283,7 @@ def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> list
         callbacks=[Clock()],
     )
     trainer.train()
-    return clock.times[args.warmup :]
+    return clock.times[args.warmup :], clock.cpu_times[args.warmup :]
 
 
 ENGINES = {"dpo_lightning": run_dpo_lightning, "trl": run_trl}
@@ -316,7 +323,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     params = sum(p.numel() for p in make_model(args.shape, "cpu").parameters())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = ENGINES[args.worker](args, examples, device)
+    times, cpu_times = ENGINES[args.worker](args, examples, device)
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
         if device == "cuda"
@@ -332,6 +339,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         else f"cpu x{torch.get_num_threads()} threads",
         "params": params,
         "sec_per_step": round(med, 4),
+        "cpu_sec_per_step": round(statistics.median(cpu_times), 4),
         "pairs_per_s": round(args.pairs / med, 2),
         "real_tok_per_s": round(tokens / med),
         "peak_mem_gib": round(peak, 3),
@@ -403,12 +411,17 @@ def main(argv: list[str] | None = None) -> None:
             statistics.median(r["pairs_per_s"] for r in runs[e]) for e in ("dpo_lightning", "trl")
         )
         mem = (max(r["peak_mem_gib"] for r in runs[e]) for e in ("dpo_lightning", "trl"))
+        cpu_ours, cpu_trl = (
+            statistics.median(r["cpu_sec_per_step"] for r in runs[e])
+            for e in ("dpo_lightning", "trl")
+        )
         print(
             json.dumps(
                 {
                     "ratio": "dpo_lightning/trl",
                     "pairs_per_s": round(ours / trl, 3),
                     "peak_mem": round(next(mem) / next(mem), 3),
+                    "cpu_time_trl_over_ours": round(cpu_trl / cpu_ours, 3),
                     "repeats": args.repeat,
                 }
             ),

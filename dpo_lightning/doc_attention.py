@@ -9,7 +9,9 @@ matmuls, the norms) still runs on the padding-free (1, N) row.
 
 Registered with transformers' ``AttentionInterface`` as ``packed_sdpa``; the layout travels to
 each attention call as the ``packed_layout`` keyword, which HF decoders pass through to attention.
-On GPU, ``flex_attention`` with a block mask does the same inside one kernel.
+Called without a layout (generation, a callback calling the policy directly) it *is* ``sdpa``,
+mask included, so switching a model to it changes nothing outside the packed engine. On GPU,
+``flex_attention`` with a block mask does the per-document work inside one kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
 
@@ -84,9 +88,8 @@ def packed_sdpa_attention(
 ) -> tuple[Tensor, None]:
     """HF attention-interface function: (1, H, N, d) q and (1, Hkv, N, d) k/v -> (1, N, H, d)."""
     if packed_layout is None:
-        raise ValueError(
-            "attention 'packed_sdpa' needs the packed_layout keyword: run the model through "
-            "dpo_lightning's PackedEngine (or load it with attn_implementation=sdpa)"
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     lay = packed_layout
 
@@ -108,4 +111,9 @@ def packed_sdpa_attention(
     return out.transpose(0, 1)[None].contiguous(), None
 
 
+#: Handed to the decoder as its attention mask next to a layout: a 4D tensor is passed through
+#: untouched by transformers' mask builders, so they build no (N, N) mask that nobody reads.
+NO_MASK = torch.ones(1, 1, 0, 0, dtype=torch.bool)
+
 AttentionInterface.register(NAME, packed_sdpa_attention)
+AttentionMaskInterface.register(NAME, sdpa_mask)

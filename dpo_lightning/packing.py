@@ -183,9 +183,10 @@ def _as_mask(
 
 
 def _per_document(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> dict[str, Any]:
-    from dpo_lightning.doc_attention import packed_layout
+    from dpo_lightning.doc_attention import NO_MASK, packed_layout
 
-    return {"attention_mask": None, "packed_layout": packed_layout(doc_ids, branch_ids)}
+    layout = packed_layout(doc_ids, branch_ids)
+    return {"attention_mask": NO_MASK.to(doc_ids.device), "packed_layout": layout}
 
 
 #: attention implementation (``model.config._attn_implementation``) -> the decoder keywords

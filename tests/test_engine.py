@@ -282,8 +282,12 @@ def test_packed_layout_hand_worked():
     assert m[2, 0].tolist() == [1, 0, 0, 0]
 
 
-def test_packed_sdpa_without_layout_says_what_to_do():
+def test_packed_sdpa_without_layout_is_plain_sdpa():
+    """Outside the engine (generation, callbacks) a model switched to packed_sdpa is unchanged."""
     model = make_tiny_model(V)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    want = model(input_ids=ids, attention_mask=mask).logits
     model.set_attn_implementation("packed_sdpa")
-    with pytest.raises(ValueError, match="PackedEngine"):
-        model(torch.tensor([[1, 2, 3]]))
+    got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
