@@ -93,7 +93,7 @@ def test_checkpoint_holds_training_state_not_the_reference(uninterrupted):
     assert any(k.startswith("policy.") for k in state)
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["global_step"] == 12
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 2, "batches": 0}]
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 4}]  # 12 = 8 + 4
     meta = ckpt["dpo_lightning"]
     assert set(meta["rng"]) >= {"python", "numpy", "torch"} and meta["version"]
 
