@@ -35,7 +35,9 @@ def planned(kind: str) -> int | None:
 class FaultInjector(L.Callback):
     """Fires the planned ``kill`` / ``oom`` / ``nan`` faults (see module docstring)."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if planned("kill") == step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -51,15 +51,21 @@ class NonFiniteGuard(L.Callback):
         self._rows: list[int] = []
         self._batch_idx = -1
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         rows = batch.get("pair_row_ids") if isinstance(batch, dict) else None
         self._rows = [] if rows is None else sorted(set(torch.as_tensor(rows).tolist()))
         self._batch_idx = batch_idx
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor
+    ) -> None:
         self._loss = loss
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         bad = first_nonfinite(self._loss, params)
         self._loss = None
@@ -89,4 +95,3 @@ class NonFiniteGuard(L.Callback):
 def _short(rows: list[int], limit: int = 16) -> str:
     shown = ", ".join(map(str, rows[:limit]))
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
-

@@ -17,8 +17,13 @@ from dpo_lightning.errors import EXIT_CODE, report_errors
 from dpo_lightning.train import train
 from tests.conftest import compose, run_cli
 
-SMALL = ["data.generator.n=60", "data.batch_size=8", "trainer.log_every_n_steps=1",
-         "callbacks.progress_bar=null", "trainer.val_check_interval=4"]
+SMALL = [
+    "data.generator.n=60",
+    "data.batch_size=8",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar=null",
+    "trainer.val_check_interval=4",
+]
 
 
 def _compose(overrides: list[str], run_dir: Path):
@@ -56,7 +61,9 @@ def _error(overrides: list[str], tmp_path: Path, capsys) -> str:
 
 def _assert_before_training(tmp_path: Path) -> None:
     assert _error.seconds < 10
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
+    assert (
+        not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
+    )
 
 
 # -- Hydra-level: CLI -----------------------------------------------------------------------------
@@ -119,7 +126,9 @@ def test_hub_probe_is_fast_on_a_closed_port():
 
 
 def test_max_length_longer_than_context(tmp_path, capsys):
-    line = _error(["model.config.max_position_embeddings=32", "data.max_length=64"], tmp_path, capsys)
+    line = _error(
+        ["model.config.max_position_embeddings=32", "data.max_length=64"], tmp_path, capsys
+    )
     assert "data.max_length=64 is longer than the model's context (32 positions)" in line
     _assert_before_training(tmp_path)
 
@@ -145,17 +154,27 @@ def test_gpu_oom_suggests_memory_knobs(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DPO_LIGHTNING_FAULTS", "oom@1")
     line = _error([*SMALL, "trainer.max_steps=3"], tmp_path, capsys)
     assert line.startswith("dpo-train: error: out of GPU memory (CUDA out of memory.")
-    for knob in ("data.batch_size", "trainer.accumulate_grad_batches", "data.max_length", "bf16-mixed"):
+    for knob in (
+        "data.batch_size",
+        "trainer.accumulate_grad_batches",
+        "data.max_length",
+        "bf16-mixed",
+    ):
         assert knob in line
 
 
 def test_disk_full_while_checkpointing_keeps_previous(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DPO_LIGHTNING_FAULTS", "enospc@4")
-    line = _error([*SMALL, "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2"],
-                  tmp_path, capsys)
+    line = _error(
+        [*SMALL, "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2"],
+        tmp_path,
+        capsys,
+    )
     ckpts = tmp_path / "run" / "checkpoints"
     assert f"could not write checkpoint {ckpts}/step4.ckpt (disk full)" in line
-    assert "previous checkpoints kept: ['last.ckpt', 'step2.ckpt']" in line and "resume=true" in line
+    assert (
+        "previous checkpoints kept: ['last.ckpt', 'step2.ckpt']" in line and "resume=true" in line
+    )
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step2.ckpt"]  # no temp file
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
 
@@ -169,8 +188,15 @@ def test_nonfinite_gradient_stop_names_step_and_rows(tmp_path, capsys, monkeypat
 
 def test_nonfinite_gradient_skip_counts_in_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_LIGHTNING_FAULTS", "nan@1")
-    cfg = _compose([*SMALL, "trainer.max_steps=3", "train.on_nonfinite=skip",
-                    f"paths.output_dir={tmp_path / 'run'}"], tmp_path / "run")
+    cfg = _compose(
+        [
+            *SMALL,
+            "trainer.max_steps=3",
+            "train.on_nonfinite=skip",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
+        tmp_path / "run",
+    )
     train(cfg)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 3

@@ -32,7 +32,9 @@ def test_resumed_loader_yields_exactly_the_remaining_batches(epoch, consumed):
     full = _loader()
     full.sampler.set_epoch(epoch)
     expected = [b.tolist() for b in full]
-    assert sorted(sum(expected, [])) == list(range(23))  # a permutation, every row once
+    assert sorted(i for batch in expected for i in batch) == list(
+        range(23)
+    )  # a permutation, every row once
 
     interrupted = _loader()
     interrupted.sampler.set_epoch(epoch)
@@ -71,7 +73,7 @@ def test_atomic_write_and_weights_only_load(tmp_path):
 def test_weights_only_load_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"obj": random.Random(0)}, path)  # an arbitrary class instance
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
@@ -85,7 +87,9 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"):
+    with pytest.raises(
+        CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"
+    ):
         io.save_checkpoint({"step": 8, "w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 4  # the old file, intact
@@ -141,8 +145,13 @@ class _Regression(L.LightningModule):
 
 def _fit(module: L.LightningModule, guard: NonFiniteGuard, steps: int) -> None:
     L.Trainer(
-        max_steps=steps, accelerator="cpu", callbacks=[guard], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module)
 
 
@@ -157,18 +166,20 @@ def test_skip_policy_skips_and_counts_nonfinite_steps():
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # Two real SGD steps happened (steps 0 and 2): the same as two clean steps.
     _fit(reference, NonFiniteGuard("skip"), steps=2)
-    for a, b in zip(module.parameters(), reference.parameters()):
+    for a, b in zip(module.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_stop_policy_names_step_and_rows():
     guard = NonFiniteGuard("stop")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"
+    ):
         _fit(_Regression(nan_at={1}), guard, steps=3)
 
 
 def test_unknown_policy_is_rejected():
-    with pytest.raises(UserError, match="train.on_nonfinite must be one of"):
+    with pytest.raises(UserError, match=r"train\.on_nonfinite must be one of"):
         NonFiniteGuard("ignore")
 
 

@@ -18,9 +18,13 @@ from safetensors.torch import load_file
 from tests.conftest import run_cli
 
 ARGS = [
-    "data.generator.n=60", "data.batch_size=8", "trainer.max_steps=12",
-    "trainer.val_check_interval=6", "trainer.log_every_n_steps=1",
-    "callbacks.checkpoint.every_n_train_steps=4", "callbacks.progress_bar=null",
+    "data.generator.n=60",
+    "data.batch_size=8",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=1",
+    "callbacks.checkpoint.every_n_train_steps=4",
+    "callbacks.progress_bar=null",
     "+logger.csv.flush_logs_every_n_steps=1",  # the killed run leaves rows after its checkpoint
 ]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -46,8 +50,12 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 def _killed_then_resumed(tmp_path: Path, kill_at: int) -> Path:
     run_dir = tmp_path / "run"
-    killed = run_cli([f"hydra.run.dir={run_dir}", *ARGS], tmp_path, check=False,
-                     env={**ENV, "DPO_LIGHTNING_FAULTS": f"kill@{kill_at}"})
+    killed = run_cli(
+        [f"hydra.run.dir={run_dir}", *ARGS],
+        tmp_path,
+        check=False,
+        env={**ENV, "DPO_LIGHTNING_FAULTS": f"kill@{kill_at}"},
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "summary.json").exists()
     run_cli([f"hydra.run.dir={run_dir}", *ARGS, "resume=true"], tmp_path, env=ENV)
@@ -71,7 +79,9 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
     _assert_same_run(run_dir, uninterrupted)
     # keep_last=2: step8 and step12 remain (step4 pruned), plus last.ckpt.
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
-        "last.ckpt", "step12.ckpt", "step8.ckpt"
+        "last.ckpt",
+        "step12.ckpt",
+        "step8.ckpt",
     ]
     import json
 
@@ -93,14 +103,20 @@ def test_checkpoint_holds_training_state_not_the_reference(uninterrupted):
     assert any(k.startswith("policy.") for k in state)
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["global_step"] == 12
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 4}]  # 12 = 8 + 4
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 4}
+    ]  # 12 = 8 + 4
     meta = ckpt["dpo_lightning"]
     assert set(meta["rng"]) >= {"python", "numpy", "torch"} and meta["version"]
 
 
 def test_resume_with_changed_config_fails_in_one_line(tmp_path, uninterrupted):
-    proc = run_cli([f"hydra.run.dir={uninterrupted}", *ARGS, "resume=true", "loss.beta=0.5"],
-                   tmp_path, check=False, env=ENV)
+    proc = run_cli(
+        [f"hydra.run.dir={uninterrupted}", *ARGS, "resume=true", "loss.beta=0.5"],
+        tmp_path,
+        check=False,
+        env=ENV,
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dpo-train: error: checkpoint ") and "loss.beta: 0.1 -> 0.5" in last
@@ -108,7 +124,9 @@ def test_resume_with_changed_config_fails_in_one_line(tmp_path, uninterrupted):
 
 
 def test_resume_without_checkpoint_fails_in_one_line(tmp_path):
-    proc = run_cli([f"hydra.run.dir={tmp_path / 'fresh'}", "resume=true"], tmp_path, check=False, env=ENV)
+    proc = run_cli(
+        [f"hydra.run.dir={tmp_path / 'fresh'}", "resume=true"], tmp_path, check=False, env=ENV
+    )
     assert proc.returncode == 2
     assert "resume=true but" in proc.stderr and "last.ckpt does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
