@@ -329,6 +329,11 @@ class MetricsHistory:
                 self.rows = [
                     r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step
                 ]
+            if step > 0 and not any(int(r["step"]) == step - 1 for r in self.rows):
+                # Killed between writing the checkpoint and flushing that step's own metrics.
+                print(
+                    f"[dpo_lightning] {metrics_file}: no rows for step {step} (lost in the crash)"
+                )
 
     def restore(self, loggers: list[Any]) -> None:
         """Write the kept rows back through the matching CSV logger (after it is created)."""

@@ -93,6 +93,11 @@ def _local_model_config(folder: Path, gguf_file: str | None) -> dict[str, Any] |
         raise UserError(
             f"{key} is not a model folder (no config.json): give a save_pretrained folder"
         )
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(
+            f"{key} has no .safetensors weights: only safetensors are loaded (pickled .bin files "
+            "can run code); re-save it with save_pretrained(..., safe_serialization=True)"
+        )
     try:
         return json.loads(config.read_text())
     except (OSError, ValueError) as err:

@@ -201,3 +201,18 @@ def test_nonfinite_gradient_skip_counts_in_summary(tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 3
     assert summary["train"]["loss"] is not None
+
+
+def test_pickled_weights_are_refused(tmp_path, tiny_model, capsys):
+    folder = tmp_path / "bin_model"
+    folder.mkdir()
+    tiny_model.config.to_json_file(folder / "config.json")
+    torch.save(tiny_model.state_dict(), folder / "pytorch_model.bin")  # a pickle
+    line = _error(["model=hf", f"model.name_or_path={folder}"], tmp_path, capsys)
+    assert "has no .safetensors weights" in line and "safe_serialization=True" in line
+
+
+@pytest.mark.parametrize("name", ["hf", "tiny"])
+def test_remote_code_is_off_by_default(name):
+    cfg = compose([f"model={name}"] + (["model.name_or_path=x/y"] if name == "hf" else []))
+    assert cfg.model.trust_remote_code is False

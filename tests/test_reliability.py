@@ -196,3 +196,32 @@ def test_empty_completion_mask_gives_finite_metrics(tiny_model):
     assert stats.lengths.tolist() == [3.0, 0.0]
     assert torch.isfinite(stats.logps).all() and torch.isfinite(stats.mean_logits).all()
     assert stats.logps[1] == 0 and stats.mean_logits[1] == 0
+
+
+# -- metric history across a resume --------------------------------------------------------------
+def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dpo_lightning.checkpointing import csv_histories
+
+    killed = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):  # the killed run flushed steps 0..5; its checkpoint is after 4 steps
+        killed.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    killed.log_metrics({"train/lr": 0.5}, step=4)
+    killed.save()
+
+    resumed = CSVLogger(tmp_path, name="csv", version="")
+    (history,) = csv_histories([resumed], step=4)
+    resumed.log_hyperparams({"a": 1})  # creates the writer, which deletes metrics.csv
+    history.restore([resumed])
+    resumed.log_metrics({"train/loss": 0.2}, step=4)
+    resumed.save()
+    text = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert text[0] == "step,train/loss"
+    assert text[1:] == ["0,1.0", "1,0.5", "2,0.3333333333333333", "3,0.25", "4,0.2"]
+    assert "lost in the crash" not in capsys.readouterr().out
+
+    (gap,) = csv_histories([CSVLogger(tmp_path, name="csv", version="")], step=7)
+    assert (
+        len(gap.rows) == 5 and "no rows for step 7 (lost in the crash)" in capsys.readouterr().out
+    )
