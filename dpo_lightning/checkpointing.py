@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
             _fsync_dir(path.parent)
+            for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
+                stale.unlink(missing_ok=True)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
@@ -85,11 +88,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _maybe_fail_write(f: Any, checkpoint: dict[str, Any]) -> None:
-    """Fault injection (tests): a full disk half-way through this write."""
-    step = faults.planned("enospc")
-    if step is not None and step == checkpoint.get("global_step"):
-        f.write(b"\0" * 1024)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    """Fault injection (tests): a full disk, or a SIGKILL, half-way through this write."""
+    step = checkpoint.get("global_step")
+    if step is None or step not in (faults.planned("enospc"), faults.planned("killwrite")):
+        return
+    f.write(b"\0" * 1024)
+    f.flush()
+    if step == faults.planned("killwrite"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _fsync_dir(folder: Path) -> None:

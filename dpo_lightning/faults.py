@@ -5,6 +5,7 @@
 - ``kill@N``: SIGKILL itself at the start of the batch after step N (a crash: nothing flushed);
 - ``enospc@N``: fail the checkpoint written after step N with ``OSError(ENOSPC)`` half-way
   through the write (a full disk);
+- ``killwrite@N``: SIGKILL itself half-way through writing the checkpoint of step N;
 - ``oom@N``: raise ``torch.OutOfMemoryError`` in the batch after step N (as CUDA would);
 - ``nan@N``: make the gradients of the batch after step N NaN (a diverged step).
 

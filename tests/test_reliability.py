@@ -225,3 +225,14 @@ def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
     assert (
         len(gap.rows) == 5 and "no rows for step 7 (lost in the crash)" in capsys.readouterr().out
     )
+
+
+def test_fast_forward_is_dropped_when_lightning_moves_to_the_next_epoch():
+    # e.g. an epoch cut short by trainer.limit_train_batches: the resumed run starts epoch 1.
+    loader = _loader()
+    loader.load_state_dict({"epoch": 0, "batches": 3})
+    loader.sampler.set_epoch(1)
+    fresh = _loader()
+    fresh.sampler.set_epoch(1)
+    assert [b.tolist() for b in loader] == [b.tolist() for b in fresh]
+    assert loader.state_dict() == {"epoch": 2, "batches": 0}

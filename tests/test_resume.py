@@ -48,16 +48,18 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _killed_then_resumed(tmp_path: Path, kill_at: int) -> Path:
+def _killed_then_resumed(tmp_path: Path, fault: str, before_resume=None) -> Path:
     run_dir = tmp_path / "run"
     killed = run_cli(
         [f"hydra.run.dir={run_dir}", *ARGS],
         tmp_path,
         check=False,
-        env={**ENV, "DPO_LIGHTNING_FAULTS": f"kill@{kill_at}"},
+        env={**ENV, "DPO_LIGHTNING_FAULTS": fault},
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (run_dir / "summary.json").exists()
+    if before_resume is not None:
+        before_resume(run_dir)
     run_cli([f"hydra.run.dir={run_dir}", *ARGS, "resume=true"], tmp_path, env=ENV)
     return run_dir
 
@@ -75,7 +77,7 @@ def _assert_same_run(resumed: Path, uninterrupted: Path) -> None:
 
 def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
     # Last checkpoint: step 4, half-way through epoch 0; killed during step 7.
-    run_dir = _killed_then_resumed(tmp_path, kill_at=6)
+    run_dir = _killed_then_resumed(tmp_path, "kill@6")
     _assert_same_run(run_dir, uninterrupted)
     # keep_last=2: step8 and step12 remain (step4 pruned), plus last.ckpt.
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == [
@@ -93,7 +95,22 @@ def test_kill_mid_epoch_then_resume_is_bit_identical(tmp_path, uninterrupted):
 @pytest.mark.slow
 def test_kill_after_epoch_boundary_then_resume_is_bit_identical(tmp_path, uninterrupted):
     # Last checkpoint: step 8 = the end of epoch 0; killed in epoch 1.
-    _assert_same_run(_killed_then_resumed(tmp_path, kill_at=10), uninterrupted)
+    _assert_same_run(_killed_then_resumed(tmp_path, "kill@10"), uninterrupted)
+
+
+@pytest.mark.slow
+def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, uninterrupted):
+    # Killed half-way through writing step8.ckpt: last.ckpt is still step 4's (a temp file is
+    # left behind), and the run resumed from it still ends bit-identical.
+    run_dir = _killed_then_resumed(tmp_path, "killwrite@8", _only_step4)
+    _assert_same_run(run_dir, uninterrupted)
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def _only_step4(run_dir: Path) -> None:
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names[1:] == ["last.ckpt", "step4.ckpt"] and names[0].startswith(".step8.ckpt.tmp")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_checkpoint_holds_training_state_not_the_reference(uninterrupted):

@@ -42,6 +42,7 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.batch_size = batch_size
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained)
+        self.applied_skip = 0  # batches skipped by the latest iteration
 
     def fast_forward(self, epoch: int, batches: int) -> None:
         """Make the next iteration of ``epoch`` start after its first ``batches`` batches."""
@@ -54,9 +55,9 @@ class ResumableSampler(DistributedSampler):
     # __len__ stays the full epoch, so Lightning's batch counters keep their meaning.
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        skip = self.pending_skip()
+        self.applied_skip = self.pending_skip()  # read by the loader's batch count
         self._resume = None
-        return iter(indices[skip * self.batch_size :])
+        return iter(indices[self.applied_skip * self.batch_size :])
 
 
 class ResumableDataLoader(DataLoader):
@@ -92,12 +93,16 @@ class _Counting:
 
     def __init__(self, it: Iterator[Any], loader: ResumableDataLoader) -> None:
         self._it, self._loader = it, loader
+        self._first = True
 
     def __iter__(self) -> _Counting:
         return self
 
     def __next__(self) -> Any:
         batch = next(self._it)
+        if self._first:  # the sampler has run now: count from the skip it really applied
+            self._loader._yielded = self._loader.sampler.applied_skip
+            self._first = False
         self._loader._yielded += 1
         return batch
 
