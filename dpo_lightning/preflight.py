@@ -93,17 +93,18 @@ def _local_model_config(folder: Path, gguf_file: str | None) -> dict[str, Any] |
         raise UserError(
             f"{key} is not a model folder (no config.json): give a save_pretrained folder"
         )
+    try:
+        model_config = json.loads(config.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})"
+        ) from err
     if not any(folder.glob("*.safetensors")):
         raise UserError(
             f"{key} has no .safetensors weights: only safetensors are loaded (pickled .bin files "
             "can run code); re-save it with save_pretrained(..., safe_serialization=True)"
         )
-    try:
-        return json.loads(config.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})"
-        ) from err
+    return model_config
 
 
 def _hub_model_config(repo_id: str) -> dict[str, Any] | None:

@@ -46,9 +46,10 @@ def _cli_error(args: list[str], tmp_path: Path) -> str:
     return line
 
 
-def _error(overrides: list[str], tmp_path: Path, capsys) -> str:
+def _error(overrides: list[str], tmp_path: Path, capsys, run_dir: Path | None = None) -> str:
     """Run train() in-process; return the one error line (asserts exit code and no traceback)."""
-    cfg = _compose([*overrides, f"paths.output_dir={tmp_path / 'run'}"], tmp_path / "run")
+    run_dir = run_dir or tmp_path / "run"
+    cfg = _compose([*overrides, f"paths.output_dir={run_dir}"], run_dir)
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exc, report_errors():
         train(cfg)
@@ -216,3 +217,24 @@ def test_pickled_weights_are_refused(tmp_path, tiny_model, capsys):
 def test_remote_code_is_off_by_default(name):
     cfg = compose([f"model={name}"] + (["model.name_or_path=x/y"] if name == "hf" else []))
     assert cfg.model.trust_remote_code is False
+
+
+def test_checkpoint_from_elsewhere_or_another_version_is_refused(tmp_path, capsys):
+    import dpo_lightning
+    from dpo_lightning.checkpointing import run_config
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "global_step": 3}, foreign)
+    line = _error([f"ckpt_path={foreign}"], tmp_path, capsys)
+    assert f"checkpoint {foreign} was not written by dpo_lightning" in line
+    _assert_before_training(tmp_path)
+
+    cfg = _compose([f"paths.output_dir={tmp_path / 'run'}"], tmp_path / "run")
+    meta = {"version": "0.0.1", "config": json.dumps(run_config(cfg)), "rng": {}}
+    old = tmp_path / "old.ckpt"
+    torch.save({"global_step": 3, "dpo_lightning": meta}, old)
+    line = _error([f"ckpt_path={old}"], tmp_path, capsys)
+    assert f"written by dpo_lightning 0.0.1, this is {dpo_lightning.__version__}" in line
+
+    line = _error([f"ckpt_path={tmp_path / 'missing.ckpt'}"], tmp_path, capsys)
+    assert "missing.ckpt' does not exist" in line
