@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,9 @@ class CheckpointWriteError(UserError):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -65,6 +68,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
             _fsync_dir(path.parent)
+            for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
+                stale.unlink(missing_ok=True)
         except OSError as err:
             tmp.unlink(missing_ok=True)
             reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
@@ -75,17 +80,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 "with resume=true"
             ) from err
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         # Our checkpoints hold tensors and plain containers only: never unpickle code.
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _maybe_fail_write(f: Any, checkpoint: dict[str, Any]) -> None:
-    """Fault injection (tests): a full disk half-way through this write."""
-    step = faults.planned("enospc")
-    if step is not None and step == checkpoint.get("global_step"):
-        f.write(b"\0" * 1024)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    """Fault injection (tests): a full disk, or a SIGKILL, half-way through this write."""
+    step = checkpoint.get("global_step")
+    if step is None or step not in (faults.planned("enospc"), faults.planned("killwrite")):
+        return
+    f.write(b"\0" * 1024)
+    f.flush()
+    if step == faults.planned("killwrite"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -143,7 +154,13 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
     for group in RUN_DEFINING:
         if group in cfg:
             value = cfg[group]
-            _flatten(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value, group, flat)
+            _flatten(
+                OmegaConf.to_container(value, resolve=True)
+                if OmegaConf.is_config(value)
+                else value,
+                group,
+                flat,
+            )
     return {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
 
 
@@ -193,10 +210,14 @@ def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]) from err
+        raise UserError(
+            f"cannot read checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]
+        ) from err
     meta = ckpt.get(META_KEY)
     if meta is None:
-        raise UserError(f"checkpoint {path} was not written by dpo_lightning (no {META_KEY!r} metadata)")
+        raise UserError(
+            f"checkpoint {path} was not written by dpo_lightning (no {META_KEY!r} metadata)"
+        )
     if meta["version"] != dpo_lightning.__version__:
         raise UserError(
             f"checkpoint {path} was written by dpo_lightning {meta['version']}, this is "
@@ -218,7 +239,13 @@ def rng_states() -> dict[str, Any]:
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
+        "numpy": (
+            np_kind,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            np_pos,
+            np_has_gauss,
+            np_gauss,
+        ),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -256,7 +283,9 @@ class ResumeState(L.Callback):
         self._rng_to_restore: dict[str, Any] | None = None
         self._flush_pending = False
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint[META_KEY] = {
             "version": dpo_lightning.__version__,
             "config": json.dumps(self.config, sort_keys=True),
@@ -265,13 +294,17 @@ class ResumeState(L.Callback):
         _flush(trainer)
         self._flush_pending = True
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         meta = checkpoint.get(META_KEY) or {}
         self._rng_to_restore = meta.get("rng")
 
     # Restored at the first resumed batch, not at load: Lightning draws from the RNGs while it
     # sets up, which the uninterrupted run did not do at this point.
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
@@ -300,7 +333,14 @@ class MetricsHistory:
         self.rows: list[dict[str, str]] = []
         if metrics_file.is_file():
             with open(metrics_file, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step]
+                self.rows = [
+                    r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step
+                ]
+            if step > 0 and not any(int(r["step"]) == step - 1 for r in self.rows):
+                # Killed between writing the checkpoint and flushing that step's own metrics.
+                print(
+                    f"[dpo_lightning] {metrics_file}: no rows for step {step} (lost in the crash)"
+                )
 
     def restore(self, loggers: list[Any]) -> None:
         """Write the kept rows back through the matching CSV logger (after it is created)."""
@@ -308,12 +348,16 @@ class MetricsHistory:
             if isinstance(logger, CSVLogger) and Path(logger.log_dir) == self.metrics_file.parent:
                 experiment = logger.experiment  # creating it deleted the old file
                 # Drop empty cells: the writer fills missing keys with "" again.
-                experiment.metrics[:0] = [{k: v for k, v in r.items() if v != ""} for r in self.rows]
+                experiment.metrics[:0] = [
+                    {k: v for k, v in r.items() if v != ""} for r in self.rows
+                ]
                 logger.save()  # on disk at once: a second crash must not lose the history
 
 
 def csv_histories(loggers: list[Any], step: int) -> list[MetricsHistory]:
     """The kept history of every CSV logger (call before anything creates their writers)."""
     return [
-        MetricsHistory(Path(lg.log_dir) / "metrics.csv", step) for lg in loggers if isinstance(lg, CSVLogger)
+        MetricsHistory(Path(lg.log_dir) / "metrics.csv", step)
+        for lg in loggers
+        if isinstance(lg, CSVLogger)
     ]

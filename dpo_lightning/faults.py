@@ -5,6 +5,7 @@
 - ``kill@N``: SIGKILL itself at the start of the batch after step N (a crash: nothing flushed);
 - ``enospc@N``: fail the checkpoint written after step N with ``OSError(ENOSPC)`` half-way
   through the write (a full disk);
+- ``killwrite@N``: SIGKILL itself half-way through writing the checkpoint of step N;
 - ``oom@N``: raise ``torch.OutOfMemoryError`` in the batch after step N (as CUDA would);
 - ``nan@N``: make the gradients of the batch after step N NaN (a diverged step).
 
@@ -35,7 +36,9 @@ def planned(kind: str) -> int | None:
 class FaultInjector(L.Callback):
     """Fires the planned ``kill`` / ``oom`` / ``nan`` faults (see module docstring)."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if planned("kill") == step:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -26,17 +26,27 @@ class NonFiniteError(UserError):
 
 
 def first_nonfinite(loss: Tensor | None, params: list[torch.nn.Parameter]) -> str | None:
-    """``"loss"``, ``"gradient of <i>-th parameter"`` or None when everything is finite."""
+    """What is non-finite — ``"loss (nan)"``, ``"gradient (parameter #i, ...)"`` — or None.
+
+    One fused norm over all gradients (one device sync); the culprit is searched only when the
+    norm is not finite. A finite-but-huge gradient whose norm overflows counts as non-finite.
+    """
     if loss is not None and not torch.isfinite(loss.detach()).all():
         return f"loss ({loss.detach().float().mean().item()})"
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        return None
     for i, p in enumerate(params):
         if p.grad is not None and not torch.isfinite(p.grad).all():
             return f"gradient (parameter #{i}, shape {tuple(p.shape)})"
-    return None
+    return "gradient norm (overflow)"
 
 
 class NonFiniteGuard(L.Callback):
     """Skips or stops on a non-finite loss / gradient (see module docstring).
+
+    With gradient accumulation, every micro-batch's loss and source rows count towards the
+    step; under data parallelism all ranks take the same decision (any rank's NaN skips).
 
     Args:
         on_nonfinite: ``skip`` or ``stop``.
@@ -47,27 +57,35 @@ class NonFiniteGuard(L.Callback):
             raise UserError(f"train.on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self.skipped = 0
-        self._loss: Tensor | None = None
-        self._rows: list[int] = []
+        self._bad_loss: Tensor | None = None  # first non-finite micro-batch loss of this step
+        self._rows: list[int] = []  # source rows of this step's micro-batches
         self._batch_idx = -1
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         rows = batch.get("pair_row_ids") if isinstance(batch, dict) else None
-        self._rows = [] if rows is None else sorted(set(torch.as_tensor(rows).tolist()))
+        self._rows += [] if rows is None else torch.as_tensor(rows).tolist()
         self._batch_idx = batch_idx
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
-        self._loss = loss
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor
+    ) -> None:
+        if self._bad_loss is None and not torch.isfinite(loss.detach()).all():
+            self._bad_loss = loss.detach()
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        bad = first_nonfinite(self._loss, params)
-        self._loss = None
-        if bad is None:
+        bad = first_nonfinite(self._bad_loss, params)
+        rows, self._rows, self._bad_loss = sorted(set(self._rows)), [], None
+        if not trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
             return
+        bad = bad or "value on another rank"
         where = (
             f"non-finite {bad} at step {trainer.global_step + 1} (epoch {trainer.current_epoch}, "
-            f"batch {self._batch_idx}), data rows {_short(self._rows)}"
+            f"batch {self._batch_idx}), data rows {_short(rows)}"
         )
         if self.on_nonfinite == "stop":
             raise NonFiniteError(
@@ -89,4 +107,3 @@ class NonFiniteGuard(L.Callback):
 def _short(rows: list[int], limit: int = 16) -> str:
     shown = ", ".join(map(str, rows[:limit]))
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
-

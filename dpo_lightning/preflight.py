@@ -22,7 +22,13 @@ from dpo_lightning.checkpointing import check_checkpoint, resolve_ckpt_path
 from dpo_lightning.errors import UserError
 
 # config.json keys that hold a model's context length, by model family.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
 PROBE_TIMEOUT_S = 3.0
 
 
@@ -50,7 +56,9 @@ def check_output_dir(run_dir: Path) -> None:
 
 def _is_local_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is meant as a path.
-    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    return (
+        Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    )
 
 
 def check_model_source(model_cfg: DictConfig) -> dict[str, Any] | None:
@@ -69,20 +77,34 @@ def check_model_source(model_cfg: DictConfig) -> dict[str, Any] | None:
 def _local_model_config(folder: Path, gguf_file: str | None) -> dict[str, Any] | None:
     key = f"model.name_or_path={str(folder)!r}"
     if not folder.exists():
-        raise UserError(f"{key} does not exist: give a save_pretrained folder or a hub id (org/name)")
+        raise UserError(
+            f"{key} does not exist: give a save_pretrained folder or a hub id (org/name)"
+        )
     if not folder.is_dir():
-        raise UserError(f"{key} is a file, not a model folder: give the folder that holds config.json")
+        raise UserError(
+            f"{key} is a file, not a model folder: give the folder that holds config.json"
+        )
     if gguf_file:
         if not (folder / gguf_file).is_file():
             raise UserError(f"model.gguf_file={gguf_file!r} is not in {folder}")
         return None
     config = folder / "config.json"
     if not config.is_file():
-        raise UserError(f"{key} is not a model folder (no config.json): give a save_pretrained folder")
+        raise UserError(
+            f"{key} is not a model folder (no config.json): give a save_pretrained folder"
+        )
     try:
-        return json.loads(config.read_text())
+        model_config = json.loads(config.read_text())
     except (OSError, ValueError) as err:
-        raise UserError(f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})") from err
+        raise UserError(
+            f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})"
+        ) from err
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(
+            f"{key} has no .safetensors weights: only safetensors are loaded (pickled .bin files "
+            "can run code); re-save it with save_pretrained(..., safe_serialization=True)"
+        )
+    return model_config
 
 
 def _hub_model_config(repo_id: str) -> dict[str, Any] | None:
@@ -93,15 +115,19 @@ def _hub_model_config(repo_id: str) -> dict[str, Any] | None:
     if constants.HF_HUB_OFFLINE:
         if cached is None:
             raise UserError(
-                f"model.name_or_path={repo_id!r} is a hub id, the hub is offline (HF_HUB_OFFLINE=1) "
-                "and it is not in the local cache: set model.name_or_path to a local folder, or go "
-                "online (unset HF_HUB_OFFLINE) to download it"
+                f"model.name_or_path={repo_id!r} is a hub id, the hub is offline "
+                "(HF_HUB_OFFLINE=1) and it is not in the local cache: set model.name_or_path to "
+                "a local folder, or go online (unset HF_HUB_OFFLINE) to download it"
             )
     elif not hub_reachable(constants.ENDPOINT):
-        hint = "set HF_HUB_OFFLINE=1 to use the cached copy" if cached else "set model.name_or_path to a local folder"
+        hint = (
+            "set HF_HUB_OFFLINE=1 to use the cached copy"
+            if cached
+            else "set model.name_or_path to a local folder"
+        )
         raise UserError(
-            f"model.name_or_path={repo_id!r} is a hub id but {constants.ENDPOINT} cannot be reached: "
-            f"{hint}, or go online"
+            f"model.name_or_path={repo_id!r} is a hub id but {constants.ENDPOINT} cannot be "
+            f"reached: {hint}, or go online"
         )
     return json.loads(Path(cached).read_text()) if cached else None
 

@@ -32,7 +32,9 @@ def test_resumed_loader_yields_exactly_the_remaining_batches(epoch, consumed):
     full = _loader()
     full.sampler.set_epoch(epoch)
     expected = [b.tolist() for b in full]
-    assert sorted(sum(expected, [])) == list(range(23))  # a permutation, every row once
+    assert sorted(i for batch in expected for i in batch) == list(
+        range(23)
+    )  # a permutation, every row once
 
     interrupted = _loader()
     interrupted.sampler.set_epoch(epoch)
@@ -71,7 +73,7 @@ def test_atomic_write_and_weights_only_load(tmp_path):
 def test_weights_only_load_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"obj": random.Random(0)}, path)  # an arbitrary class instance
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(Exception, match=r"[Ww]eights only"):
         AtomicCheckpointIO().load_checkpoint(path)
 
 
@@ -85,7 +87,9 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"):
+    with pytest.raises(
+        CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"
+    ):
         io.save_checkpoint({"step": 8, "w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 4  # the old file, intact
@@ -141,8 +145,13 @@ class _Regression(L.LightningModule):
 
 def _fit(module: L.LightningModule, guard: NonFiniteGuard, steps: int) -> None:
     L.Trainer(
-        max_steps=steps, accelerator="cpu", callbacks=[guard], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        accelerator="cpu",
+        callbacks=[guard],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     ).fit(module)
 
 
@@ -157,18 +166,20 @@ def test_skip_policy_skips_and_counts_nonfinite_steps():
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # Two real SGD steps happened (steps 0 and 2): the same as two clean steps.
     _fit(reference, NonFiniteGuard("skip"), steps=2)
-    for a, b in zip(module.parameters(), reference.parameters()):
+    for a, b in zip(module.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 
 
 def test_stop_policy_names_step_and_rows():
     guard = NonFiniteGuard("stop")
-    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"):
+    with pytest.raises(
+        NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"
+    ):
         _fit(_Regression(nan_at={1}), guard, steps=3)
 
 
 def test_unknown_policy_is_rejected():
-    with pytest.raises(UserError, match="train.on_nonfinite must be one of"):
+    with pytest.raises(UserError, match=r"train\.on_nonfinite must be one of"):
         NonFiniteGuard("ignore")
 
 
@@ -185,3 +196,43 @@ def test_empty_completion_mask_gives_finite_metrics(tiny_model):
     assert stats.lengths.tolist() == [3.0, 0.0]
     assert torch.isfinite(stats.logps).all() and torch.isfinite(stats.mean_logits).all()
     assert stats.logps[1] == 0 and stats.mean_logits[1] == 0
+
+
+# -- metric history across a resume --------------------------------------------------------------
+def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dpo_lightning.checkpointing import csv_histories
+
+    killed = CSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):  # the killed run flushed steps 0..5; its checkpoint is after 4 steps
+        killed.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    killed.log_metrics({"train/lr": 0.5}, step=4)
+    killed.save()
+
+    resumed = CSVLogger(tmp_path, name="csv", version="")
+    (history,) = csv_histories([resumed], step=4)
+    resumed.log_hyperparams({"a": 1})  # creates the writer, which deletes metrics.csv
+    history.restore([resumed])
+    resumed.log_metrics({"train/loss": 0.2}, step=4)
+    resumed.save()
+    text = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
+    assert text[0] == "step,train/loss"
+    assert text[1:] == ["0,1.0", "1,0.5", "2,0.3333333333333333", "3,0.25", "4,0.2"]
+    assert "lost in the crash" not in capsys.readouterr().out
+
+    (gap,) = csv_histories([CSVLogger(tmp_path, name="csv", version="")], step=7)
+    assert (
+        len(gap.rows) == 5 and "no rows for step 7 (lost in the crash)" in capsys.readouterr().out
+    )
+
+
+def test_fast_forward_is_dropped_when_lightning_moves_to_the_next_epoch():
+    # e.g. an epoch cut short by trainer.limit_train_batches: the resumed run starts epoch 1.
+    loader = _loader()
+    loader.load_state_dict({"epoch": 0, "batches": 3})
+    loader.sampler.set_epoch(1)
+    fresh = _loader()
+    fresh.sampler.set_epoch(1)
+    assert [b.tolist() for b in loader] == [b.tolist() for b in fresh]
+    assert loader.state_dict() == {"epoch": 2, "batches": 0}

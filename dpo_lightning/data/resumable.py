@@ -51,12 +51,16 @@ class _Counting:
 
     def __init__(self, it: Iterator[Any], loader: ResumableDataLoader) -> None:
         self._it, self._loader = it, loader
+        self._first = True
 
     def __iter__(self) -> _Counting:
         return self
 
     def __next__(self) -> Any:
         batch = next(self._it)
+        if self._first:  # the sampler has run now: count from the skip it really applied
+            self._loader._yielded = self._loader.sampler.applied_skip
+            self._first = False
         self._loader._yielded += 1
         return batch
 

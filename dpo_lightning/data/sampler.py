@@ -73,6 +73,7 @@ class ResumableSampler(DistributedSampler):
         self.lengths = None if lengths is None else list(lengths)
         self.mega_batch_mult = mega_batch_mult
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained)
+        self.applied_skip = 0  # batches skipped by the latest iteration
 
     def fast_forward(self, epoch: int, batches: int) -> None:
         """Make the next iteration of ``epoch`` start after its first ``batches`` batches."""
@@ -89,6 +90,6 @@ class ResumableSampler(DistributedSampler):
             indices = length_grouped_order(
                 indices, self.lengths, self.batch_size, self.mega_batch_mult, self.seed + self.epoch
             )
-        skip = self.pending_skip()
+        self.applied_skip = self.pending_skip()  # read by the loader's batch count
         self._resume = None
-        return iter(indices[skip * self.batch_size :])
+        return iter(indices[self.applied_skip * self.batch_size :])
