@@ -13,7 +13,7 @@ afterwards from the policy's (now DTensor) parameters only, so the reference is 
 
 Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) and hold the
 reference too; the ``hf_model/`` export is re-assembled from the shards by
-:func:`full_policy_state_dict`.
+:func:`full_policy_state_dict` (which also gathers DeepSpeed ZeRO-3 partitions).
 """
 
 from __future__ import annotations
