@@ -13,7 +13,7 @@ afterwards from the policy's (now DTensor) parameters only, so the reference is 
 
 Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) and hold the
 reference too; the ``hf_model/`` export is re-assembled from the shards by
-:func:`full_policy_state_dict`.
+:func:`full_policy_state_dict` (which also gathers DeepSpeed ZeRO-3 partitions).
 """
 
 from __future__ import annotations
@@ -140,15 +140,37 @@ def full_policy_state_dict(module: L.LightningModule) -> dict[str, torch.Tensor]
     Collective: every rank must call it (each contributes its shards); only rank 0 gets the
     tensors, the others an empty dict.
     """
-    if not is_sharded(module.policy):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if is_zero3_partitioned(module.policy):
+        state = _gather_zero3(module.policy)
+    elif is_sharded(module.policy):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(module.policy, options=options)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(module.policy, options=options)
+    else:
+        return None
     # The gather returns tied weights (embeddings = LM head) as separate tensors; keep the first
     # name of each parameter, as the model's own state dict / save_pretrained would.
     return {k: v for k, v in state.items() if k not in tied_duplicates(module.policy)}
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """DeepSpeed ZeRO-3 replaces each parameter by a stub carrying a ``ds_id``."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _gather_zero3(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU weights on rank 0 under ZeRO-3 (collective; gathers one whole model per rank).
+
+    Not exercised here (deepspeed needs CUDA); for models too large to gather, convert the
+    checkpoint offline with DeepSpeed's ``zero_to_fp32.py`` instead.
+    """
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if torch.distributed.get_rank() != 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def tied_duplicates(model: nn.Module) -> set[str]:
