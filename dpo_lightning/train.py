@@ -57,9 +57,11 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # validate and tokenize before any model work
 
     policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
-    module = DPOModule(
+    # `task` (e.g. experiment=reward_model) swaps the LightningModule; the default is DPO.
+    module_class = instantiate(cfg.task) if cfg.get("task") else DPOModule
+    module = module_class(
         policy=policy,
-        loss=instantiate(cfg.loss),
+        loss=instantiate(cfg.loss) if cfg.get("loss") else None,
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         reference=instantiate(cfg.reference) if cfg.get("reference") else None,
