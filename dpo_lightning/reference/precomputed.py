@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -121,7 +122,8 @@ class PrecomputedReference(ReferenceStrategy):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             key = self.cache_key(module, trainer, datamodule)
             self.cache_path = self.cache_dir / f"{key}.pt"
-            if not self.cache_path.exists():
+            hit = self.cache_path.exists()
+            if not hit:
                 self._compute_shard(module, trainer, datamodule, key)
                 trainer.strategy.barrier("reference_logps_shards")
                 if trainer.is_global_zero:
@@ -129,6 +131,10 @@ class PrecomputedReference(ReferenceStrategy):
                 trainer.strategy.barrier("reference_logps_merged")
         saved = torch.load(self.cache_path, map_location="cpu")
         self.table = dict(zip(saved["keys"].tolist(), saved["logps"].tolist(), strict=True))
+        verb = "loaded" if hit else "computed"
+        rank_zero_info(
+            f"[dpo_lightning] reference log-probs {verb}: {len(self.table)} rows, {self.cache_path}"
+        )
 
     def cache_key(self, module: nn.Module, trainer: L.Trainer, datamodule: Any) -> str:
         parts = {
