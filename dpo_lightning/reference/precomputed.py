@@ -30,7 +30,15 @@ from dpo_lightning.logps import IGNORE_INDEX, CompletionStats, concatenated_forw
 from dpo_lightning.reference.base import ReferenceStrategy
 
 DEFAULT_CACHE = Path("~/.cache/dpo_lightning/reference_logps")
-TOKENIZATION_KEYS = ("max_length", "max_prompt_length", "truncation_mode", "format")
+# Datamodule attributes that change the tokens (also covered by the data fingerprint; listed so a
+# cache file's key says what it was made with).
+TOKENIZATION_KEYS = (
+    "max_length",
+    "max_prompt_length",
+    "truncation_mode",
+    "add_eos",
+    "chat_template",
+)
 
 
 def row_keys(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> list[int]:
@@ -141,7 +149,7 @@ class PrecomputedReference(ReferenceStrategy):
             "model": model_fingerprint(module.policy),
             "tokenizer": tokenizer_fingerprint(getattr(datamodule, "tokenizer", None)),
             "data": data_fingerprint(datamodule),
-            "tokenization": {k: str(getattr(datamodule, k, None)) for k in TOKENIZATION_KEYS},
+            "tokenization": {k: _plain(getattr(datamodule, k, None)) for k in TOKENIZATION_KEYS},
             "precision": str(trainer.precision),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -213,6 +221,12 @@ class PrecomputedReference(ReferenceStrategy):
         logps = torch.tensor(values, device=batch["input_ids"].device)
         lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
         return CompletionStats(logps=logps, lengths=lengths, mean_logits=torch.zeros_like(logps))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-stable form of a setting: primitives as they are, anything else by its type name
+    (an object's default repr holds a memory address, which would change the key every run)."""
+    return value if isinstance(value, str | int | float | bool | None) else type(value).__name__
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
