@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")  # validate and tokenize before any model work
 
     policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
-    # The stage group (stage=dpo|sft) names the LightningModule and what else it needs.
+    # The stage group (stage=dpo|sft|reward_model) names the LightningModule and its parts.
     module = instantiate(
         cfg.stage.module,
         policy=policy,

@@ -112,6 +112,20 @@ def test_model_fingerprint_follows_the_weights(tokenizer):
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
+def test_cache_key_is_stable_across_fresh_objects_and_follows_settings(tokenizer):
+    def key(max_length):
+        dm = PreferenceDataModule(
+            tokenizer, generator=functools.partial(sentiment_pairs, n=30), max_length=max_length
+        )
+        dm.setup("fit")
+        module = module_with(tokenizer, PrecomputedReference())
+        trainer = SimpleNamespace(precision="32-true")
+        return module.reference.cache_key(module, trainer, dm)
+
+    assert key(48) == key(48)  # nothing run- or address-dependent in the key
+    assert key(48) != key(40)
+
+
 def fit_and_collect(module, datamodule, steps=2):
     L.seed_everything(0)
     trainer = quick_trainer(steps)

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -29,7 +30,15 @@ from dpo_lightning.logps import IGNORE_INDEX, CompletionStats, concatenated_forw
 from dpo_lightning.reference.base import ReferenceStrategy
 
 DEFAULT_CACHE = Path("~/.cache/dpo_lightning/reference_logps")
-TOKENIZATION_KEYS = ("max_length", "max_prompt_length", "truncation_mode", "format")
+# Datamodule attributes that change the tokens (also covered by the data fingerprint; listed so a
+# cache file's key says what it was made with).
+TOKENIZATION_KEYS = (
+    "max_length",
+    "max_prompt_length",
+    "truncation_mode",
+    "add_eos",
+    "chat_template",
+)
 
 
 def row_keys(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> list[int]:
@@ -126,7 +135,8 @@ class PrecomputedReference(ReferenceStrategy):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             key = self.cache_key(module, trainer, datamodule)
             self.cache_path = self.cache_dir / f"{key}.pt"
-            if not self.cache_path.exists():
+            hit = self.cache_path.exists()
+            if not hit:
                 self._compute_shard(module, trainer, datamodule, key)
                 trainer.strategy.barrier("reference_logps_shards")
                 if trainer.is_global_zero:
@@ -134,13 +144,17 @@ class PrecomputedReference(ReferenceStrategy):
                 trainer.strategy.barrier("reference_logps_merged")
         saved = torch.load(self.cache_path, map_location="cpu", weights_only=True)
         self.table = dict(zip(saved["keys"].tolist(), saved["logps"].tolist(), strict=True))
+        verb = "loaded" if hit else "computed"
+        rank_zero_info(
+            f"[dpo_lightning] reference log-probs {verb}: {len(self.table)} rows, {self.cache_path}"
+        )
 
     def cache_key(self, module: nn.Module, trainer: L.Trainer, datamodule: Any) -> str:
         parts = {
             "model": model_fingerprint(module.policy),
             "tokenizer": tokenizer_fingerprint(getattr(datamodule, "tokenizer", None)),
             "data": data_fingerprint(datamodule),
-            "tokenization": {k: str(getattr(datamodule, k, None)) for k in TOKENIZATION_KEYS},
+            "tokenization": {k: _plain(getattr(datamodule, k, None)) for k in TOKENIZATION_KEYS},
             "precision": str(trainer.precision),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -214,6 +228,12 @@ class PrecomputedReference(ReferenceStrategy):
         logps = torch.tensor(values, device=batch["input_ids"].device)
         lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
         return CompletionStats(logps=logps, lengths=lengths, mean_logits=torch.zeros_like(logps))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-stable form of a setting: primitives as they are, anything else by its type name
+    (an object's default repr holds a memory address, which would change the key every run)."""
+    return value if isinstance(value, str | int | float | bool | None) else type(value).__name__
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -1,0 +1,158 @@
+"""Reward-model training on the same preference data: a scalar head on the causal LM, trained
+with the Bradley–Terry loss (DPO paper Eq. 2; InstructGPT's reward model).
+
+    dpo-train experiment=reward_model                        # tiny model, built-in data
+    dpo-train experiment=reward_model model=hf model.name_or_path=<sft dir> data=file data.path=...
+
+The causal LM's backbone is kept (not copied) under a fresh linear head that reads the hidden
+state of each row's last real token: ``r(x, y) = w · h_last``. K-wise rankings give every pair
+of the ranking, as for DPO. ``hf_model/`` is an ``AutoModelForSequenceClassification``
+(``num_labels=1``) saved with ``save_pretrained``; ``val/rewards/accuracies`` is the share of
+held-out pairs whose chosen completion gets the higher reward.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+
+from dpo_lightning.logps import position_ids_from_mask
+from dpo_lightning.losses import reward_model_loss
+
+
+def reward_model_from_causal_lm(
+    lm: PreTrainedModel, pad_token_id: int | None = None
+) -> PreTrainedModel:
+    """An ``*ForSequenceClassification`` model sharing ``lm``'s backbone, with a new scalar head.
+
+    The classification model is built on the meta device (no second copy of the weights), its
+    backbone replaced by ``lm``'s, and its ``score`` head initialised like HF does
+    (normal, std ``initializer_range``).
+    """
+    if hasattr(lm, "disable_adapter"):
+        raise ValueError(
+            "reward-model training does not support model.lora yet: set model.lora=null"
+        )
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id if pad_token_id is not None else config.eos_token_id
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
+    if not isinstance(getattr(model, "score", None), nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} has no linear `score` head: unsupported architecture"
+        )
+    setattr(model, model.base_model_prefix, lm.base_model)
+    device = next(lm.parameters()).device
+    model.score = nn.Linear(model.score.in_features, 1, bias=False, dtype=lm.dtype, device=device)
+    nn.init.normal_(model.score.weight, std=getattr(config, "initializer_range", 0.02))
+    return model
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of each row's last real token, for left or right padding: (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(-1)
+
+
+def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Scalar reward per row from the head applied to the last real token: (B, T) -> (B,)."""
+    hidden = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state  # (B, T, H)
+    last = hidden[
+        torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)
+    ]
+    return model.score(last).squeeze(-1).float()  # (B,)
+
+
+class RewardModelModule(L.LightningModule):
+    """Bradley–Terry reward model: ``L = −log σ(r(x, yw) − r(x, yl))`` per pair.
+
+    Args:
+        policy: the causal LM whose backbone the reward model keeps (``model=`` config).
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None.
+        loss, reference: must be None (``experiment=reward_model`` sets both to null); accepted so
+            ``train.py`` builds every task with the same arguments.
+        center_rewards_coefficient: weight of ``mean((r_w + r_l)²)``, which keeps rewards centred
+            on 0 (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244; TRL's option of the
+            same name). 0 disables it.
+        pad_token_id: written to the exported config (default: the model's EOS id).
+    """
+
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss: Any = None,
+        reference: Any = None,
+        center_rewards_coefficient: float = 0.0,
+        pad_token_id: int | None = None,
+    ) -> None:
+        super().__init__()
+        if loss is not None or reference is not None:
+            raise ValueError(
+                "reward-model training uses the Bradley–Terry loss: set loss=null reference=null"
+            )
+        self.policy = reward_model_from_causal_lm(policy, pad_token_id)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.center_rewards_coefficient = center_rewards_coefficient
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"])
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        rewards = self(batch)  # (B,)
+        ci, ri = batch["chosen_idx"], batch["rejected_idx"]
+        losses = reward_model_loss(rewards, ci, ri)  # (P,)
+        loss = losses.mean()
+        if self.center_rewards_coefficient:
+            loss = (
+                loss + self.center_rewards_coefficient * ((rewards[ci] + rewards[ri]) ** 2).mean()
+            )
+        chosen, rejected = rewards[ci].detach(), rewards[ri].detach()
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),  # held-out: val/...
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+        }
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in metrics.items()},
+            batch_size=int(batch["num_pairs"]),
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+            sync_dist=True,
+            prog_bar=False,
+        )
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(
+            optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
