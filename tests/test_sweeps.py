@@ -103,6 +103,7 @@ def test_optuna_sweep_of_three_trials(tmp_path):
             *FAST,
             "optimized_metric=val/loss",
             "hydra.sweeper.direction=minimize",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",  # resumable study
         ],
         tmp_path,
         env=ENV,
@@ -115,6 +116,7 @@ def test_optuna_sweep_of_three_trials(tmp_path):
         yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["loss"]["beta"] for j in jobs
     }
     assert len(betas) == 3  # three different suggestions
+    assert (tmp_path / "optuna.db").exists()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(losses))
 
