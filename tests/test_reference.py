@@ -237,7 +237,10 @@ def test_adapter_holds_one_base_copy(tokenizer):
 
 def test_adapter_matches_copy_on_the_first_step(tokenizer, datamodule):
     batch = a_batch(datamodule)
-    copy_loss = module_with(tokenizer, CopyReference())._shared_step(batch, "train")
+    copy_module = module_with(tokenizer, CopyReference())
+    copy_loss = copy_module._shared_step(batch, "train")
+    # B starts at zero: the LoRA policy computes exactly the base model
+    torch.testing.assert_close(lora_module(tokenizer)(batch).logps, copy_module(batch).logps)
     adapter = lora_module(tokenizer)
     with torch.no_grad():  # a trained adapter: the policy moves, the reference must not
         for name, p in adapter.policy.named_parameters():
