@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
 from dpo_lightning.module import DPOModule
+from dpo_lightning.reference import NoReference
 from tests.conftest import CONF_DIR, compose, make_tiny_model, run_cli
 
 LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
@@ -88,6 +89,14 @@ def test_every_loss_trains_two_steps(name, tokenizer, datamodule):
         not torch.equal(a, b) for a, b in zip(before, module.policy.parameters(), strict=True)
     )
     assert moved, f"loss={name} did not update the policy"
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo", "mix"])
+def test_default_reference_follows_the_loss(name, tokenizer):
+    """reference=auto (the default): a frozen copy iff the loss reads reference log-probs."""
+    module = build([f"loss={name}"], tokenizer)
+    assert hasattr(module, "reference_model") != module.loss_fn.is_reference_free
+    assert isinstance(module.reference, NoReference) == module.loss_fn.is_reference_free
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 ==============  ====================  ==============================================================
 config name     class                 reference log-probs
 ==============  ====================  ==============================================================
-copy            CopyReference         a frozen copy of the initial policy (default)
+auto            auto_reference        copy for reference-based losses, none for reference-free (default)
+copy            CopyReference         a frozen copy of the initial policy
 none            NoReference           none: reference-free losses only (simpo, orpo, sft)
 precomputed     PrecomputedReference  one pass before training, cached on disk, looked up per batch
 adapter         AdapterReference      the LoRA policy with its adapter disabled (``model.lora``)
@@ -16,6 +17,7 @@ from dpo_lightning.reference.base import (
     CopyReference,
     NoReference,
     ReferenceStrategy,
+    auto_reference,
     check_pairing,
     frozen_copy,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "PrecomputedReference",
     "ReferenceStrategy",
     "ReferenceSync",
+    "auto_reference",
     "SyncReference",
     "check_pairing",
     "frozen_copy",

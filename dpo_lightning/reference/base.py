@@ -71,6 +71,12 @@ def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
         )
 
 
+def auto_reference(loss: Any) -> ReferenceStrategy:
+    """The default (``reference=auto``): a frozen copy for a reference-based loss, no reference
+    for a reference-free one — read from the loss's ``is_reference_free``, never its name."""
+    return NoReference() if getattr(loss, "is_reference_free", False) else CopyReference()
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with no gradients (not trained, no dropout)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
