@@ -5,6 +5,7 @@
     dpo-train --multirun loss.beta=0.1,0.5       # a sweep, one run dir per job
     dpo-train trainer=ddp trainer.devices=4      # multi-GPU
     dpo-train logger=wandb                       # W&B (offline when no API key)
+    dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
 
 Reads top to bottom: seed → tokenizer → data → policy → module → callbacks/loggers → trainer →
 fit → validate → export → summary. Returns the metric named by ``optimized_metric`` for sweepers.
