@@ -24,12 +24,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.callbacks import PairThroughput
-from dpo_lightning.checkpointing import csv_histories
 from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
 from dpo_lightning.preflight import preflight
 from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
+from dpo_lightning.resume import csv_histories
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.tokenizer import load_tokenizer
 
