@@ -67,8 +67,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             kept = [p.name for p in sorted(path.parent.glob("*.ckpt"))]
             raise CheckpointWriteError(
                 f"could not write checkpoint {path} ({reason}); previous checkpoints kept: "
-                f"{kept or 'none'}; free space (or set paths.output_dir elsewhere) and continue "
-                "with resume=true"
+                f"{kept or 'none'}; free space, then continue with resume=true"
             ) from err
 
     def load_checkpoint(
