@@ -8,9 +8,10 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from dpo_lightning.checkpointing import AtomicCheckpointIO, ResumeState, run_config
+from dpo_lightning.checkpointing import AtomicCheckpointIO, ResumeState
 from dpo_lightning.faults import FaultInjector
 from dpo_lightning.guards import NonFiniteGuard
+from dpo_lightning.resume import run_config
 
 
 class AtomicCheckpoints(L.Callback):

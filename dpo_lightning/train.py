@@ -5,6 +5,7 @@
     dpo-train --multirun loss.beta=0.1,0.5       # a sweep, one run dir per job
     dpo-train trainer=ddp trainer.devices=4      # multi-GPU
     dpo-train logger=wandb                       # W&B (offline when no API key)
+    dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
 
 Reads top to bottom: seed → tokenizer → data → policy → module → callbacks/loggers → trainer →
 fit → validate → export → summary. Returns the metric named by ``optimized_metric`` for sweepers.
@@ -25,12 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.adapters import build_lora, save_policy
 from dpo_lightning.callbacks import PairThroughput
-from dpo_lightning.checkpointing import csv_histories
 from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.preflight import preflight
 from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
 from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
+from dpo_lightning.resume import csv_histories
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.sweeps import mark_launch, run_job
 from dpo_lightning.tokenizer import load_tokenizer

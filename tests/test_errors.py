@@ -221,7 +221,7 @@ def test_remote_code_is_off_by_default(name):
 
 def test_checkpoint_from_elsewhere_or_another_version_is_refused(tmp_path, capsys):
     import dpo_lightning
-    from dpo_lightning.checkpointing import run_config
+    from dpo_lightning.resume import run_config
 
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "global_step": 3}, foreign)

@@ -13,13 +13,13 @@ import torch
 from dpo_lightning.checkpointing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
-    config_diff,
     rng_states,
     set_rng_states,
 )
 from dpo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
 from dpo_lightning.errors import UserError
 from dpo_lightning.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
+from dpo_lightning.resume import config_diff
 
 
 # -- resumable loader ---------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_empty_completion_mask_gives_finite_metrics(tiny_model):
 def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
     from lightning.pytorch.loggers import CSVLogger
 
-    from dpo_lightning.checkpointing import csv_histories
+    from dpo_lightning.resume import csv_histories
 
     killed = CSVLogger(tmp_path, name="csv", version="")
     for step in range(6):  # the killed run flushed steps 0..5; its checkpoint is after 4 steps

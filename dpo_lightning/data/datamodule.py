@@ -267,6 +267,9 @@ class PreferenceDataModule(L.LightningDataModule):
             sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
+            # A private generator: creating the iterator must not draw from the global RNG
+            # (a resumed run restores that RNG and must see the same draws).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def full_dataloaders(self) -> list[DataLoader]:
