@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
