@@ -9,13 +9,13 @@ packed one has steadier tokens (and memory) per step.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
+class LengthGroupedBatchSampler(BatchSampler):
     """Yields lists of dataset indices (a ``batch_sampler``).
 
     Args:
@@ -23,27 +23,43 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         batch_size: examples per batch; the last batch may be smaller.
         mega_batches: batches per sorted group (larger: less padding, less randomness).
         seed: shuffling seed; the epoch (``set_epoch``) is added to it.
+        sampler: where the indices come from (default: all of them, shuffled). Under DDP
+            Lightning re-creates a ``BatchSampler`` with a ``DistributedSampler`` here, so each
+            rank groups its own share.
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, mega_batches: int = 50, seed: int = 0
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        mega_batches: int = 50,
+        seed: int = 0,
+        sampler: Iterable[int] | None = None,
     ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.mega = batch_size * mega_batches
         self.seed = seed
+        self.sampler = sampler
+        self.drop_last = False
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        n = len(self.sampler) if self.sampler is not None else len(self.lengths)
+        return -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
+        if self.sampler is not None:
+            order = list(self.sampler)
+        else:
+            order = list(range(len(self.lengths)))
+            rng.shuffle(order)
         batches = []
         for s in range(0, len(order), self.mega):
             group = sorted(order[s : s + self.mega], key=self.lengths.__getitem__, reverse=True)

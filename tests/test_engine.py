@@ -190,6 +190,19 @@ def test_length_grouped_batches_cover_every_index_once_with_similar_lengths():
     )
     assert spread < random_spread / 2
     assert list(sampler) != batches  # a new order next epoch
+    # Under DDP Lightning hands in a DistributedSampler: each rank groups its own disjoint share.
+    from torch.utils.data import DistributedSampler
+
+    shards = [
+        list(
+            LengthGroupedBatchSampler(
+                lengths, 8, 4, sampler=DistributedSampler(lengths, 2, r, seed=1, drop_last=True)
+            )
+        )
+        for r in (0, 1)
+    ]
+    assert len(shards[0]) == len(shards[1]) == 7
+    assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
 
 
 def test_engine_config_composes_and_is_wired(tmp_path):
