@@ -320,7 +320,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     examples = make_examples(args.shape, args.pairs, args.steps, args.warmup)
-    params = sum(p.numel() for p in make_model(args.shape, "cpu").parameters())
+    params = sum(p.numel() for p in make_model(args.shape, "meta").parameters())  # no memory
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, cpu_times = ENGINES[args.worker](args, examples, device)

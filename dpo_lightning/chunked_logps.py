@@ -30,7 +30,9 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class _LinearTokenLogps(torch.autograd.Function):
     """Custom autograd for ``log_softmax(h @ W.T + b)[target]`` computed chunk by chunk."""
 
+    # Under bf16-mixed autocast the backward runs in the forward's autocast state (bf16 matmuls).
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, bias, targets, chunk_size):  # type: ignore[override]
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
@@ -44,6 +46,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # type: ignore[override]
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -184,6 +184,12 @@ def test_engine_config_composes_and_is_wired(tmp_path):
     engine = instantiate(cfg.engine)
     assert isinstance(engine, PackedEngine) and engine.chunk_size == 7
     assert isinstance(instantiate(compose([], tmp_path).engine), PaddedEngine)  # default
+    gpu = instantiate(compose(["engine=fast_gpu"], tmp_path).engine)
+    assert (gpu.attn_implementation, gpu.compile, gpu.pad_to_multiple_of) == (
+        "flex_attention",
+        True,
+        128,
+    )
 
     class DM:  # the two attributes prepare() touches
         collator = PreferenceCollator(pad_token_id=3)
