@@ -49,9 +49,7 @@ def apply_lora(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules)
-        if not isinstance(target_modules, str)
-        else target_modules,
+        target_modules=list(target_modules) if not isinstance(target_modules, str) else target_modules,
         bias=bias,
         use_rslora=use_rslora,
         modules_to_save=list(modules_to_save) if modules_to_save else None,

@@ -84,13 +84,9 @@ def make_examples(shape: str, pairs: int, steps: int, warmup: int) -> list[dict[
         out.append(
             {
                 "prompt": [rng.randrange(0, vocab - 3) for _ in range(pl)],
-                "chosen": [
-                    rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))
-                ]
+                "chosen": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))]
                 + [eos],
-                "rejected": [
-                    rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))
-                ]
+                "rejected": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))]
                 + [eos],
             }
         )
@@ -186,11 +182,7 @@ def run_dpo_lightning(
         seed=0,
     )
     datamodule.setup("fit")
-    attn = (
-        args.attn
-        if args.attn != "auto"
-        else ("flex_attention" if device == "cuda" else "packed_sdpa")
-    )
+    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else "packed_sdpa")
     engine = (
         PackedEngine(
             prefix_sharing=args.prefix_sharing,
@@ -237,9 +229,7 @@ def run_dpo_lightning(
     return clock.times[args.warmup :], clock.cpu_times[args.warmup :]
 
 
-def run_trl(
-    args: argparse.Namespace, examples: list[dict], device: str
-) -> tuple[list[float], list[float]]:
+def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> tuple[list[float], list[float]]:
     import datasets
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -306,9 +296,7 @@ def cpu_peak_tflops(seconds: float = 1.0) -> float:
 def step_flops(shape: str, params: int, examples: list[dict], pairs: int) -> tuple[float, float]:
     """(real tokens, model FLOPs) per step of the workload, as trl_anchor.py counts them."""
     cfg = SHAPES[shape]["config"]
-    per_pair = statistics.mean(
-        2 * len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples
-    )
+    per_pair = statistics.mean(2 * len(e["prompt"]) + len(e["chosen"]) + len(e["rejected"]) for e in examples)
     tokens = per_pair * pairs
     seq = per_pair / 2
     attn = 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq  # per token, fwd+bwd
@@ -358,19 +346,13 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument(
-        "--engines", default="dpo_lightning,trl", help="comma list of: " + ", ".join(ENGINES)
-    )
+    p.add_argument("--engines", default="dpo_lightning,trl", help="comma list of: " + ", ".join(ENGINES))
     p.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
     p.add_argument("--steps", type=int, default=30, help="timed steps")
     p.add_argument("--warmup", type=int, default=8, help="untimed first steps")
-    p.add_argument(
-        "--repeat", type=int, default=1, help="runs per engine, alternating; ratio of medians"
-    )
+    p.add_argument("--repeat", type=int, default=1, help="runs per engine, alternating; ratio of medians")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator")
     bool_opt = argparse.BooleanOptionalAction
@@ -383,9 +365,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto (flex_attention on GPU, packed_sdpa on CPU) | packed_sdpa | sdpa | eager",
     )
     p.add_argument("--compile", action=bool_opt, default=False, help="torch.compile decoder layers")
-    p.add_argument(
-        "--group-by-length", action=bool_opt, default=False, help="length-grouped batches"
-    )
+    p.add_argument("--group-by-length", action=bool_opt, default=False, help="length-grouped batches")
     p.add_argument("--worker", choices=sorted(ENGINES), default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.engines.split(",")) - set(ENGINES)
@@ -407,13 +387,10 @@ def main(argv: list[str] | None = None) -> None:
             runs.setdefault(engine, []).append(_run_worker(argv, engine))
             print(json.dumps(runs[engine][-1]), flush=True)
     if {"dpo_lightning", "trl"} <= runs.keys():
-        ours, trl = (
-            statistics.median(r["pairs_per_s"] for r in runs[e]) for e in ("dpo_lightning", "trl")
-        )
+        ours, trl = (statistics.median(r["pairs_per_s"] for r in runs[e]) for e in ("dpo_lightning", "trl"))
         mem = (max(r["peak_mem_gib"] for r in runs[e]) for e in ("dpo_lightning", "trl"))
         cpu_ours, cpu_trl = (
-            statistics.median(r["cpu_sec_per_step"] for r in runs[e])
-            for e in ("dpo_lightning", "trl")
+            statistics.median(r["cpu_sec_per_step"] for r in runs[e]) for e in ("dpo_lightning", "trl")
         )
         print(
             json.dumps(

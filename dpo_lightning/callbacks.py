@@ -26,11 +26,15 @@ class PairThroughput(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(pl_module)
         self._t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._sync(pl_module)
         dt = max(time.perf_counter() - self._t0, 1e-9)
         pairs, tokens = int(batch["num_pairs"]), int(batch["num_tokens"])
@@ -40,11 +44,19 @@ class PairThroughput(L.Callback):
         # Per-rank rates summed over ranks = the job's rate.
         pl_module.log_dict(
             {"train/pairs_per_sec": pairs / dt, "train/tokens_per_sec": tokens / dt},
-            on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=False, batch_size=pairs,
+            on_step=True,
+            on_epoch=False,
+            reduce_fx="sum",
+            sync_dist=False,
+            batch_size=pairs,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_pairs": self.total_pairs, "total_tokens": self.total_tokens, "train_seconds": self.train_seconds}
+        return {
+            "total_pairs": self.total_pairs,
+            "total_tokens": self.total_tokens,
+            "train_seconds": self.train_seconds,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.total_pairs = state_dict["total_pairs"]

@@ -45,9 +45,7 @@ class CheckpointWriteError(UserError):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``."""
 
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

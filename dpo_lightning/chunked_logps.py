@@ -53,9 +53,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulators: bf16 sums over thousands of tokens lose the small per-token terms.
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        grad_b = (
-            torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
-        )
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b and bias is not None else None
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h = hidden[s : s + ctx.chunk_size]
             g = grad_out[s : s + ctx.chunk_size].float()
@@ -91,9 +89,7 @@ def linear_token_logps(
     return _LinearTokenLogps.apply(hidden, weight, bias, targets, chunk_size)
 
 
-def head_token_logps(
-    head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int | None
-) -> Tensor:
+def head_token_logps(head: nn.Module, hidden: Tensor, targets: Tensor, chunk_size: int | None) -> Tensor:
     """(M,) log-probs of ``targets`` from hidden states (M, H) through the model's output head.
 
     A plain ``nn.Linear`` head uses the custom chunked autograd above. Any other head (a LoRA
@@ -104,9 +100,7 @@ def head_token_logps(
     if type(head) is nn.Linear:
         return linear_token_logps(hidden, head.weight, head.bias, targets, chunk)
     parts = [
-        checkpoint(
-            _head_chunk, head, hidden[s : s + chunk], targets[s : s + chunk], use_reentrant=False
-        )
+        checkpoint(_head_chunk, head, hidden[s : s + chunk], targets[s : s + chunk], use_reentrant=False)
         if torch.is_grad_enabled()
         else _head_chunk(head, hidden[s : s + chunk], targets[s : s + chunk])
         for s in range(0, hidden.shape[0], chunk)

@@ -74,9 +74,7 @@ class PaddedEngine(ForwardEngine):
     """One padded row per completion, full (B, T, V) logits: the reference computation."""
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> CompletionStats:
-        return concatenated_forward(
-            model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        return concatenated_forward(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 class PackedEngine(ForwardEngine):
@@ -127,15 +125,10 @@ class PackedEngine(ForwardEngine):
         head = model.get_output_embeddings()
         logps = head_token_logps(head, predicting, batch["target_ids"], self.chunk_size)  # (M,)
         mean_logits = head_mean_logits(head, predicting)  # (M,)
-        return segment_stats(
-            logps, mean_logits, batch["completion_index"], int(batch["num_completions"])
-        )
+        return segment_stats(logps, mean_logits, batch["completion_index"], int(batch["num_completions"]))
 
     def _attention(self, model: nn.Module) -> str:
-        if (
-            self.attn_implementation
-            and model.config._attn_implementation != self.attn_implementation
-        ):
+        if self.attn_implementation and model.config._attn_implementation != self.attn_implementation:
             model.set_attn_implementation(self.attn_implementation)
         return model.config._attn_implementation
 
@@ -147,9 +140,7 @@ def segment_stats(
     logps = token_logps.new_zeros(num).index_add(0, completion_index, token_logps)
     lengths = torch.bincount(completion_index, minlength=num).float()
     logit_sums = token_mean_logits.new_zeros(num).index_add(0, completion_index, token_mean_logits)
-    return CompletionStats(
-        logps=logps, lengths=lengths, mean_logits=logit_sums / lengths.clamp(min=1.0)
-    )
+    return CompletionStats(logps=logps, lengths=lengths, mean_logits=logit_sums / lengths.clamp(min=1.0))
 
 
 def _cached_attention(batch: dict[str, Any], impl: str, dtype: torch.dtype) -> dict[str, Any]:

@@ -90,11 +90,7 @@ def config_error_line(err: BaseException, config_dir: str, overrides: list[str])
             config_dir, parent, [o for o in overrides if not o.startswith(f"{cause.full_key}=")]
         )
         line = f"{str(err).splitlines()[0]} {str(cause).splitlines()[0]}"
-        return (
-            f"{line}; valid keys under {parent or 'the top level'}: {', '.join(valid)}"
-            if valid
-            else line
-        )
+        return f"{line}; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else line
     return words
 
 

@@ -68,9 +68,7 @@ class NonFiniteGuard(L.Callback):
         self._rows += [] if rows is None else torch.as_tensor(rows).tolist()
         self._batch_idx = batch_idx
 
-    def on_before_backward(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         if self._bad_loss is None and not torch.isfinite(loss.detach()).all():
             self._bad_loss = loss.detach()
 

@@ -88,8 +88,13 @@ class DPOModule(L.LightningModule):
             chosen_nll=chosen_nll,
         )
         metrics = preference_metrics(
-            losses, chosen_rewards, rejected_rewards,
-            policy.logps[ci], policy.logps[ri], policy.mean_logits[ci], policy.mean_logits[ri],
+            losses,
+            chosen_rewards,
+            rejected_rewards,
+            policy.logps[ci],
+            policy.logps[ri],
+            policy.mean_logits[ci],
+            policy.mean_logits[ri],
         )
         self.log_dict(
             {f"{stage}/{k}": v for k, v in metrics.items()},
@@ -99,8 +104,16 @@ class DPOModule(L.LightningModule):
             sync_dist=True,
             prog_bar=False,
         )
-        self.log(f"{stage}/acc", metrics["rewards/accuracies"], prog_bar=True, batch_size=int(batch["num_pairs"]),
-                 logger=False, sync_dist=True, on_step=stage == "train", on_epoch=stage != "train")
+        self.log(
+            f"{stage}/acc",
+            metrics["rewards/accuracies"],
+            prog_bar=True,
+            batch_size=int(batch["num_pairs"]),
+            logger=False,
+            sync_dist=True,
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+        )
         return losses.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -64,9 +64,7 @@ class PackedCollator:
                 pair_rows.append(ex.get("row_id", -1))
         real = len(row.ids)
         if self.pad_to_multiple_of:
-            row.pad(
-                -(-real // self.pad_to_multiple_of) * self.pad_to_multiple_of, self.pad_token_id
-            )
+            row.pad(-(-real // self.pad_to_multiple_of) * self.pad_to_multiple_of, self.pad_token_id)
         long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
         return {
             "input_ids": long(row.ids)[None],
@@ -169,17 +167,13 @@ def flex_block_mask(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype):
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = doc_ids.shape[0]
-    return create_block_mask(
-        packed_mask_mod(doc_ids, branch_ids), None, None, n, n, device=doc_ids.device
-    )
+    return create_block_mask(packed_mask_mod(doc_ids, branch_ids), None, None, n, n, device=doc_ids.device)
 
 
 def _as_mask(
     builder: Callable[[Tensor, Tensor, torch.dtype], Any],
 ) -> Callable[..., dict[str, Any]]:
-    return lambda doc_ids, branch_ids, dtype: {
-        "attention_mask": builder(doc_ids, branch_ids, dtype)
-    }
+    return lambda doc_ids, branch_ids, dtype: {"attention_mask": builder(doc_ids, branch_ids, dtype)}
 
 
 def _per_document(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> dict[str, Any]:

@@ -94,9 +94,7 @@ def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any]) -> None:
         reduce_dtype=DTYPES.get(settings["reduce_dtype"]),
     )
     for layer in decoder_layers(model):
-        fully_shard(
-            layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"]
-        )
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"])
     # The root's parameters (embeddings, tied LM head) are needed right after the last layer's
     # forward, so it is not resharded after forward.
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
@@ -117,9 +115,7 @@ def apply_parallelism(module: L.LightningModule) -> None:
         "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
     }
     if getattr(strategy, "activation_checkpointing", False):
-        module.policy.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        module.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = module.device_mesh["data_parallel"]
     shard_model(module.policy, mesh, settings)
     reference = getattr(module, "reference_model", None)

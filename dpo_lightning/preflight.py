@@ -56,9 +56,7 @@ def check_output_dir(run_dir: Path) -> None:
 
 def _is_local_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else is meant as a path.
-    return (
-        Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
-    )
+    return Path(name).expanduser().exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
 def check_model_source(model_cfg: DictConfig) -> dict[str, Any] | None:
@@ -77,28 +75,20 @@ def check_model_source(model_cfg: DictConfig) -> dict[str, Any] | None:
 def _local_model_config(folder: Path, gguf_file: str | None) -> dict[str, Any] | None:
     key = f"model.name_or_path={str(folder)!r}"
     if not folder.exists():
-        raise UserError(
-            f"{key} does not exist: give a save_pretrained folder or a hub id (org/name)"
-        )
+        raise UserError(f"{key} does not exist: give a save_pretrained folder or a hub id (org/name)")
     if not folder.is_dir():
-        raise UserError(
-            f"{key} is a file, not a model folder: give the folder that holds config.json"
-        )
+        raise UserError(f"{key} is a file, not a model folder: give the folder that holds config.json")
     if gguf_file:
         if not (folder / gguf_file).is_file():
             raise UserError(f"model.gguf_file={gguf_file!r} is not in {folder}")
         return None
     config = folder / "config.json"
     if not config.is_file():
-        raise UserError(
-            f"{key} is not a model folder (no config.json): give a save_pretrained folder"
-        )
+        raise UserError(f"{key} is not a model folder (no config.json): give a save_pretrained folder")
     try:
         model_config = json.loads(config.read_text())
     except (OSError, ValueError) as err:
-        raise UserError(
-            f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})"
-        ) from err
+        raise UserError(f"{key}: cannot read {config} ({getattr(err, 'strerror', None) or err})") from err
     if not any(folder.glob("*.safetensors")):
         raise UserError(
             f"{key} has no .safetensors weights: only safetensors are loaded (pickled .bin files "

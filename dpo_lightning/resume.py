@@ -36,9 +36,7 @@ def run_config(cfg: DictConfig) -> dict[str, Any]:
         if group in cfg:
             value = cfg[group]
             _flatten(
-                OmegaConf.to_container(value, resolve=True)
-                if OmegaConf.is_config(value)
-                else value,
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value,
                 group,
                 flat,
             )
@@ -96,9 +94,7 @@ def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
         ) from err
     meta = ckpt.get(META_KEY)
     if meta is None:
-        raise UserError(
-            f"checkpoint {path} was not written by dpo_lightning (no {META_KEY!r} metadata)"
-        )
+        raise UserError(f"checkpoint {path} was not written by dpo_lightning (no {META_KEY!r} metadata)")
     if meta["version"] != dpo_lightning.__version__:
         raise UserError(
             f"checkpoint {path} was written by dpo_lightning {meta['version']}, this is "
@@ -128,14 +124,10 @@ class MetricsHistory:
         self.rows: list[dict[str, str]] = []
         if metrics_file.is_file():
             with open(metrics_file, newline="") as f:
-                self.rows = [
-                    r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step
-                ]
+                self.rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step]
             if step > 0 and not any(int(r["step"]) == step - 1 for r in self.rows):
                 # Killed between writing the checkpoint and flushing that step's own metrics.
-                print(
-                    f"[dpo_lightning] {metrics_file}: no rows for step {step} (lost in the crash)"
-                )
+                print(f"[dpo_lightning] {metrics_file}: no rows for step {step} (lost in the crash)")
 
     def restore(self, loggers: list[Any]) -> None:
         """Write the kept rows back through the matching CSV logger (after it is created)."""
@@ -143,16 +135,12 @@ class MetricsHistory:
             if isinstance(logger, CSVLogger) and Path(logger.log_dir) == self.metrics_file.parent:
                 experiment = logger.experiment  # creating it deleted the old file
                 # Drop empty cells: the writer fills missing keys with "" again.
-                experiment.metrics[:0] = [
-                    {k: v for k, v in r.items() if v != ""} for r in self.rows
-                ]
+                experiment.metrics[:0] = [{k: v for k, v in r.items() if v != ""} for r in self.rows]
                 logger.save()  # on disk at once: a second crash must not lose the history
 
 
 def csv_histories(loggers: list[Any], step: int) -> list[MetricsHistory]:
     """The kept history of every CSV logger (call before anything creates their writers)."""
     return [
-        MetricsHistory(Path(lg.log_dir) / "metrics.csv", step)
-        for lg in loggers
-        if isinstance(lg, CSVLogger)
+        MetricsHistory(Path(lg.log_dir) / "metrics.csv", step) for lg in loggers if isinstance(lg, CSVLogger)
     ]

@@ -26,9 +26,7 @@ from dpo_lightning.logps import position_ids_from_mask
 from dpo_lightning.losses import reward_model_loss
 
 
-def reward_model_from_causal_lm(
-    lm: PreTrainedModel, pad_token_id: int | None = None
-) -> PreTrainedModel:
+def reward_model_from_causal_lm(lm: PreTrainedModel, pad_token_id: int | None = None) -> PreTrainedModel:
     """An ``*ForSequenceClassification`` model sharing ``lm``'s backbone, with a new scalar head.
 
     The classification model is built on the meta device (no second copy of the weights), its
@@ -36,18 +34,14 @@ def reward_model_from_causal_lm(
     (normal, std ``initializer_range``).
     """
     if hasattr(lm, "disable_adapter"):
-        raise ValueError(
-            "reward-model training does not support model.lora yet: set model.lora=null"
-        )
+        raise ValueError("reward-model training does not support model.lora yet: set model.lora=null")
     config = copy.deepcopy(lm.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id if pad_token_id is not None else config.eos_token_id
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
     if not isinstance(getattr(model, "score", None), nn.Linear):
-        raise ValueError(
-            f"{type(model).__name__} has no linear `score` head: unsupported architecture"
-        )
+        raise ValueError(f"{type(model).__name__} has no linear `score` head: unsupported architecture")
     setattr(model, model.base_model_prefix, lm.base_model)
     device = next(lm.parameters()).device
     model.score = nn.Linear(model.score.in_features, 1, bias=False, dtype=lm.dtype, device=device)
@@ -69,9 +63,7 @@ def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: 
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (B, T, H)
-    last = hidden[
-        torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)
-    ]
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
     return model.score(last).squeeze(-1).float()  # (B,)
 
 
@@ -118,9 +110,7 @@ class RewardModelModule(L.LightningModule):
         losses = reward_model_loss(rewards, ci, ri)  # (P,)
         loss = losses.mean()
         if self.center_rewards_coefficient:
-            loss = (
-                loss + self.center_rewards_coefficient * ((rewards[ci] + rewards[ri]) ** 2).mean()
-            )
+            loss = loss + self.center_rewards_coefficient * ((rewards[ci] + rewards[ri]) ** 2).mean()
         chosen, rejected = rewards[ci].detach(), rewards[ri].detach()
         metrics = {
             "loss": loss.detach(),

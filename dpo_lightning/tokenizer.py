@@ -43,7 +43,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
     return fast
 
 
-def offline_sentiment_tokenizer(vocab_size: int = 512, n: int = 2000, seed: int = 0) -> PreTrainedTokenizerFast:
+def offline_sentiment_tokenizer(
+    vocab_size: int = 512, n: int = 2000, seed: int = 0
+) -> PreTrainedTokenizerFast:
     """The default experiment's tokenizer: a BPE trained on the generated sentiment corpus."""
     return train_bpe_tokenizer(sentiment_corpus(n, seed), vocab_size)
 

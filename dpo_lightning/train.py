@@ -28,9 +28,9 @@ from dpo_lightning.adapters import build_lora, save_policy
 from dpo_lightning.callbacks import PairThroughput
 from dpo_lightning.errors import hydra_errors, report_errors
 from dpo_lightning.models import load_causal_lm
+from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
 from dpo_lightning.preflight import preflight
 from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
-from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
 from dpo_lightning.resume import csv_histories
 from dpo_lightning.summary import print_table, scalar_metrics, write_summary
 from dpo_lightning.sweeps import mark_launch, run_job

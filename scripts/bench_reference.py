@@ -115,9 +115,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "base_params": base_params,
         "module_state_MB": held / 2**20,
         "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_MB": torch.cuda.max_memory_allocated() / 2**20
-        if args.device == "cuda"
-        else None,
+        "peak_cuda_MB": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
         "step_ms": 1000 * sum(steps) / len(steps),
         "step_cpu_ms": 1000 * sum(cpu) / len(cpu),
         "fit_s": total,

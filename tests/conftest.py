@@ -37,11 +37,19 @@ def tokenizer():
 def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
     from dpo_lightning.models import load_causal_lm
 
-    config = dict(
-        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False,
-    ) | overrides
+    config = (
+        dict(
+            model_type="llama",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+        )
+        | overrides
+    )
     return load_causal_lm(config=config, vocab_size=vocab_size, seed=seed)
 
 
@@ -50,8 +58,9 @@ def tiny_model(tokenizer):
     return make_tiny_model(len(tokenizer))
 
 
-def run_cli(args: list[str], tmp_path: Path, timeout: int = 300, check: bool = True,
-            env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], tmp_path: Path, timeout: int = 300, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run ``python -m dpo_lightning.train`` in a subprocess (never DDP inside pytest)."""
     cmd = [sys.executable, "-m", "dpo_lightning.train", *args]
     full_env = {**os.environ, "WANDB_DIR": str(tmp_path / "wandb"), **(env or {})}

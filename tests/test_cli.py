@@ -84,8 +84,7 @@ def test_multirun_two_jobs(tmp_path):
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2
     got = sorted(
-        yaml.safe_load((s.parent / ".hydra" / "config.yaml").read_text())["loss"]["beta"]
-        for s in summaries
+        yaml.safe_load((s.parent / ".hydra" / "config.yaml").read_text())["loss"]["beta"] for s in summaries
     )
     assert got == [0.1, 0.5]
     for s in summaries:

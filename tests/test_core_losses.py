@@ -38,7 +38,7 @@ def test_k3_all_pairs_against_direct_computation():
     beta = 0.2
     losses, rewards = dpo_loss(pi, ref, yw, yl, beta)
     expected = []
-    for w, lose in zip(yw.tolist(), yl.tolist()):
+    for w, lose in zip(yw.tolist(), yl.tolist(), strict=True):
         margin = beta * ((pi[w].item() - ref[w].item()) - (pi[lose].item() - ref[lose].item()))
         expected.append(_nlogsig(margin))
     assert losses.shape == (3,)

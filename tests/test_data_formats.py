@@ -142,9 +142,7 @@ def test_ranked_dict_completions_choice_and_columns():
             {"response": "y", "overall_score": 7.0},
         ],
     }
-    fmt = RankedFormat(
-        text_key="response", score_key="overall_score", columns={"prompt": "instruction"}
-    )
+    fmt = RankedFormat(text_key="response", score_key="overall_score", columns={"prompt": "instruction"})
     assert fmt(uf)["completions"] == ["x", "y"] and fmt(uf)["pairs"] == [[1, 0]]
     tldr = {
         "info": {"title": "T", "post": "P"},
@@ -201,9 +199,7 @@ def test_auto_detection_and_refusal():
         fmt = AutoFormat()
         assert type(fmt.detect([row, {"chosen": None}])) is type(resolve_format(name))
     mapped = AutoFormat(columns={"prompt": "question"})
-    assert isinstance(
-        mapped.detect([{"question": "q", "chosen": "a", "rejected": "b"}]), StandardFormat
-    )
+    assert isinstance(mapped.detect([{"question": "q", "chosen": "a", "rejected": "b"}]), StandardFormat)
     with pytest.raises(ValueError, match="cannot detect the format"):
         AutoFormat().detect([cases["standard"], cases["implicit_prompt"]])
     with pytest.raises(ValueError, match="cannot detect the format"):

@@ -49,9 +49,7 @@ def make_dm(tokenizer, tmp_path, **kwargs) -> PreferenceDataModule:
 
 
 def bad_dm(tokenizer, tmp_path, on_invalid):
-    return make_dm(
-        tokenizer, tmp_path, path=str(BAD), format=RankedFormat(chat=True), on_invalid=on_invalid
-    )
+    return make_dm(tokenizer, tmp_path, path=str(BAD), format=RankedFormat(chat=True), on_invalid=on_invalid)
 
 
 def test_bad_file_error_names_every_kind_with_its_line(tokenizer, tmp_path):
@@ -60,9 +58,7 @@ def test_bad_file_error_names_every_kind_with_its_line(tokenizer, tmp_path):
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == len(BAD_LINES)  # one line per kind
     for kind, line in BAD_LINES.items():
-        assert any(ln.startswith(f"{BAD}: 1 row(s) with {kind} (lines {line})") for ln in lines), (
-            kind
-        )
+        assert any(ln.startswith(f"{BAD}: 1 row(s) with {kind} (lines {line})") for ln in lines), kind
 
 
 def test_bad_file_skip_trains_on_the_rest_and_counts_each_kind(tokenizer, tmp_path):
@@ -71,9 +67,7 @@ def test_bad_file_skip_trains_on_the_rest_and_counts_each_kind(tokenizer, tmp_pa
     report = dm.report()[str(BAD)]
     assert report["dropped"] == dict.fromkeys(BAD_LINES, 1)
     assert report["example_rows"] == {k: [v] for k, v in BAD_LINES.items()}
-    assert report["rows_in"] == 24 and report["rows_kept"] == 13 == len(dm.train_set) + len(
-        dm.val_set
-    )
+    assert report["rows_in"] == 24 and report["rows_kept"] == 13 == len(dm.train_set) + len(dm.val_set)
     good_ids = {*range(10), 21, 22, 23}  # 0-based line indices of the good rows
     assert set(dm.train_set["row_id"]) | set(dm.val_set["row_id"]) == good_ids
 
@@ -109,14 +103,10 @@ def test_second_run_does_not_tokenise_again(tokenizer, tmp_path, monkeypatch):
     fresh = offline_sentiment_tokenizer(vocab_size=256, n=400)
     calls = []
     original = type(fresh).__call__
-    monkeypatch.setattr(
-        type(fresh), "__call__", lambda s, *a, **k: calls.append(1) or original(s, *a, **k)
-    )
+    monkeypatch.setattr(type(fresh), "__call__", lambda s, *a, **k: calls.append(1) or original(s, *a, **k))
     again = make_dm(fresh, tmp_path, **IMDB)
     again.setup("fit")
-    assert calls == [] and list(again.train_set["prompt_ids"]) == list(
-        first.train_set["prompt_ids"]
-    )
+    assert calls == [] and list(again.train_set["prompt_ids"]) == list(first.train_set["prompt_ids"])
     assert {r["tokenize_cache"] for r in again.report().values()} == {"hit"}
     make_dm(fresh, tmp_path, **(IMDB | {"max_length": 200})).setup("fit")  # other limits: a miss
     assert calls
@@ -191,9 +181,7 @@ def test_kwise_forwards_each_completion_once_per_step(tokenizer, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert len(counter.batches) == 2
     for batch, rows in zip(counter.batches, counter.policy_rows, strict=True):
-        assert (
-            rows == batch["input_ids"].shape[0] == 4 * 4
-        )  # 4 prompts x K=4 completions, once each
+        assert rows == batch["input_ids"].shape[0] == 4 * 4  # 4 prompts x K=4 completions, once each
         assert batch["num_pairs"] >= 4 * 5  # all_pairs: 5 or 6 strict pairs per prompt of 4
         assert len({tuple(r.tolist()) for r in batch["input_ids"]}) == rows  # no row repeated
         used = torch.cat([batch["chosen_idx"], batch["rejected_idx"]]).unique()
@@ -257,9 +245,7 @@ def test_columns_and_auto_format_from_the_config(tokenizer, tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cols = ["data.columns.prompt=question", "data.columns.chosen=good", "data.columns.rejected=bad"]
     for fmt in (["data.format=standard"], []):  # data=file detects the format by default
-        cfg = compose(
-            ["data=file", f"data.path={path}", f"data.cache_dir={tmp_path}/c", *cols, *fmt]
-        )
+        cfg = compose(["data=file", f"data.path={path}", f"data.cache_dir={tmp_path}/c", *cols, *fmt])
         dm = instantiate(cfg.data, tokenizer=tokenizer)
         dm.setup("fit")
         ex = (dm.train_set.to_list() + dm.val_set.to_list())[0]
@@ -309,9 +295,7 @@ def test_other_sources_report_row_numbers(tokenizer, tmp_path):
     dm = make_dm(tokenizer, tmp_path, path=str(parquet), format=shp, on_invalid="skip")
     dm.setup("fit")
     report = dm.report()[str(parquet)]
-    assert report["dropped"] == {"null_history": 1} and report["example_rows"] == {
-        "null_history": [5]
-    }
+    assert report["dropped"] == {"null_history": 1} and report["example_rows"] == {"null_history": [5]}
     array = tmp_path / "pairs.json"
     good = {"prompt": "p", "chosen": "a", "rejected": "b"}
     array.write_text(json.dumps([good, good | {"chosen": None}, "oops", good | {"rejected": "c"}]))

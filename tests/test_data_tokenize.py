@@ -33,9 +33,7 @@ def test_prompt_and_completion_are_tokenised_separately():
     ex = text_example(tokenizer, prompt, completions)
     eos = tokenizer.eos_token_id
     assert ex["prompt_ids"] == tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    assert ex["completion_ids"][0] == tokenizer(completions[0], add_special_tokens=False)[
-        "input_ids"
-    ] + [eos]
+    assert ex["completion_ids"][0] == tokenizer(completions[0], add_special_tokens=False)["input_ids"] + [eos]
     assert ex["prompt_ids"] + ex["completion_ids"][0][:-1] != joint  # joint tokenisation merges
     assert tokenizer.decode(ex["prompt_ids"] + ex["completion_ids"][0]) == (
         f"{tokenizer.bos_token}{prompt}{completions[0]}{tokenizer.eos_token}"
@@ -111,13 +109,9 @@ def test_chat_tokens_merged_across_the_boundary_keep_the_inference_prompt():
         [{"role": "assistant", "content": "!!wow"}],
         [{"role": "assistant", "content": "!!no"}],
     ]
-    full = tok(
-        tok.apply_chat_template(prompt + completions[0], tokenize=False), add_special_tokens=False
-    )
+    full = tok(tok.apply_chat_template(prompt + completions[0], tokenize=False), add_special_tokens=False)
     ex = chat_example(tok, prompt, completions)
-    assert (
-        full["input_ids"][: len(ex["prompt_ids"])] != ex["prompt_ids"]
-    )  # the template breaks the prefix
+    assert full["input_ids"][: len(ex["prompt_ids"])] != ex["prompt_ids"]  # the template breaks the prefix
     rendered = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     assert ex["prompt_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
     assert ex["completion_ids"][0] == tok("!!wow</s>", add_special_tokens=False)["input_ids"]

@@ -56,9 +56,7 @@ def data_arg(tmp_path_factory) -> str:
 
     g = torch.Generator().manual_seed(0)
     rows = []
-    for row, flip in zip(
-        sentiment_pairs(n=40, seed=0), torch.rand(40, generator=g) < 0.5, strict=True
-    ):
+    for row, flip in zip(sentiment_pairs(n=40, seed=0), torch.rand(40, generator=g) < 0.5, strict=True):
         if flip:
             row = {**row, "chosen": row["rejected"], "rejected": row["chosen"]}
         rows.append(json.dumps(row))
@@ -77,9 +75,7 @@ def _train_rows(run_dir: Path) -> dict[int, dict[str, float]]:
     rows = {}
     for row in csv.DictReader((run_dir / "csv" / "metrics.csv").open()):
         if row.get("train/loss"):
-            rows[int(row["step"])] = {
-                k: float(row[f"train/{k}"]) for k in TRACKED if row.get(f"train/{k}")
-            }
+            rows[int(row["step"])] = {k: float(row[f"train/{k}"]) for k in TRACKED if row.get(f"train/{k}")}
     return rows
 
 
@@ -140,9 +136,7 @@ def test_fsdp2_sharded_checkpoint_resumes_with_activation_checkpointing(tmp_path
         "trainer.strategy.activation_checkpointing=true",
     ]
     first = tmp_path / "first"
-    run_cli(
-        [f"hydra.run.dir={first}", *args, "trainer.max_steps=2"], tmp_path, timeout=400, env=ENV
-    )
+    run_cli([f"hydra.run.dir={first}", *args, "trainer.max_steps=2"], tmp_path, timeout=400, env=ENV)
     ckpt = first / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2
     resumed = tmp_path / "resumed"

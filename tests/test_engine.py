@@ -30,9 +30,7 @@ def _examples(ks=(2, 3, 2), seed=0):
         out.append(
             {
                 "prompt_ids": [rng.randrange(V) for _ in range(rng.randint(1, 9))],
-                "completion_ids": [
-                    [rng.randrange(V) for _ in range(rng.randint(1, 7))] for _ in range(k)
-                ],
+                "completion_ids": [[rng.randrange(V) for _ in range(rng.randint(1, 7))] for _ in range(k)],
                 "pairs": [[0, 1]] if k == 2 else [[0, 1], [1, 2], [0, 2]],
                 "row_id": i,
             }
@@ -41,9 +39,7 @@ def _examples(ks=(2, 3, 2), seed=0):
 
 
 def _module(engine, model):
-    return DPOModule(
-        model, DPOLoss(beta=0.1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), engine=engine
-    )
+    return DPOModule(model, DPOLoss(beta=0.1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), engine=engine)
 
 
 def _loss_and_grads(engine, batch, seed=0):
@@ -90,9 +86,7 @@ def test_collator_hand_worked():
     [
         PackedEngine(prefix_sharing=True, chunk_size=5, attn_implementation=None),
         PackedEngine(prefix_sharing=False, chunk_size=None, attn_implementation=None),
-        PackedEngine(
-            prefix_sharing=True, chunk_size=None, pad_to_multiple_of=16, attn_implementation=None
-        ),
+        PackedEngine(prefix_sharing=True, chunk_size=None, pad_to_multiple_of=16, attn_implementation=None),
     ],
     ids=["shared+chunked", "packed-only", "shared+padded-row"],
 )

@@ -62,9 +62,7 @@ def _error(overrides: list[str], tmp_path: Path, capsys, run_dir: Path | None = 
 
 def _assert_before_training(tmp_path: Path) -> None:
     assert _error.seconds < 10
-    assert (
-        not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
-    )
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "csv").exists()
 
 
 # -- Hydra-level: CLI -----------------------------------------------------------------------------
@@ -129,9 +127,7 @@ def test_hub_probe_is_fast_on_a_closed_port():
 
 
 def test_max_length_longer_than_context(tmp_path, capsys):
-    line = _error(
-        ["model.config.max_position_embeddings=32", "data.max_length=64"], tmp_path, capsys
-    )
+    line = _error(["model.config.max_position_embeddings=32", "data.max_length=64"], tmp_path, capsys)
     assert "data.max_length=64 is longer than the model's context (32 positions)" in line
     _assert_before_training(tmp_path)
 
@@ -175,9 +171,7 @@ def test_disk_full_while_checkpointing_keeps_previous(tmp_path, capsys, monkeypa
     )
     ckpts = tmp_path / "run" / "checkpoints"
     assert f"could not write checkpoint {ckpts}/step4.ckpt (disk full)" in line
-    assert (
-        "previous checkpoints kept: ['last.ckpt', 'step2.ckpt']" in line and "resume=true" in line
-    )
+    assert "previous checkpoints kept: ['last.ckpt', 'step2.ckpt']" in line and "resume=true" in line
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step2.ckpt"]  # no temp file
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
 

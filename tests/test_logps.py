@@ -43,9 +43,7 @@ def test_concatenated_forward_matches_naive_loop(tiny_model, side):
     examples = _examples()
     batch = PreferenceCollator(pad_token_id=0, padding_side=side)(examples)
     with torch.no_grad():
-        stats = concatenated_forward(
-            tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        stats = concatenated_forward(tiny_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     expected, lengths = [], []
     for ex in examples:
         for comp in ex["completion_ids"]:
@@ -62,8 +60,6 @@ def test_left_and_right_padding_agree(tiny_model):
     for side in ("left", "right"):
         b = PreferenceCollator(pad_token_id=0, padding_side=side)(_examples())
         with torch.no_grad():
-            out[side] = concatenated_forward(
-                tiny_model, b["input_ids"], b["attention_mask"], b["labels"]
-            )
+            out[side] = concatenated_forward(tiny_model, b["input_ids"], b["attention_mask"], b["labels"])
     assert_close(out["left"].logps, out["right"].logps, atol=1e-4, rtol=1e-5)
     assert_close(out["left"].mean_logits, out["right"].mean_logits, atol=1e-4, rtol=1e-5)

@@ -111,9 +111,7 @@ def trl_dpo_family(name, p, beta, eps=0.0, tau=0.05, alpha=1.0, running=None):
     return {
         "cdpo": lambda: -logsig(z) * (1 - eps) - logsig(-z) * eps,
         "robust": lambda: (-logsig(z) * (1 - eps) + logsig(-z) * eps) / (1 - 2 * eps),
-        "exo_pair": lambda: (
-            sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps))
-        ),
+        "exo_pair": lambda: sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps)),
         "hinge": lambda: max(0.0, 1 - z),
         "ipo": lambda: (a / lc - b / lr - 1 / (2 * beta)) ** 2,
         "nca_pair": lambda: -logsig(beta * a) - 0.5 * logsig(-beta * a) - 0.5 * logsig(-beta * b),
@@ -171,8 +169,7 @@ def test_aot_sorts_margins_across_the_batch():
     a = sorted(pc - rc for pc, _, rc, *_ in PAIRS)
     b = sorted(pr - rr for _, pr, _, rr, *_ in PAIRS)
     want = [
-        -logsig(beta * (x - y)) * (1 - eps) - logsig(-beta * (x - y)) * eps
-        for x, y in zip(a, b, strict=True)
+        -logsig(beta * (x - y)) * (1 - eps) - logsig(-beta * (x - y)) * eps for x, y in zip(a, b, strict=True)
     ]
     torch.testing.assert_close(call(L.AOTUnpairedLoss(beta, eps))[0], t(want))
 
@@ -180,9 +177,7 @@ def test_aot_sorts_margins_across_the_batch():
 def test_bco_pair_uses_running_mean_of_batch_rewards():
     beta = 0.3
     loss = L.BCOPairLoss(beta=beta).train()
-    rewards = [beta * (pc - rc) for pc, _, rc, *_ in PAIRS] + [
-        beta * (pr - rr) for _, pr, _, rr, *_ in PAIRS
-    ]
+    rewards = [beta * (pc - rc) for pc, _, rc, *_ in PAIRS] + [beta * (pr - rr) for _, pr, _, rr, *_ in PAIRS]
     first_mean = sum(rewards) / 6
     want = [
         -logsig(beta * (pc - rc) - first_mean) - logsig(-(beta * (pr - rr) - first_mean))

@@ -85,9 +85,7 @@ def test_every_loss_trains_two_steps(name, tokenizer, datamodule):
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    moved = any(
-        not torch.equal(a, b) for a, b in zip(before, module.policy.parameters(), strict=True)
-    )
+    moved = any(not torch.equal(a, b) for a, b in zip(before, module.policy.parameters(), strict=True))
     assert moved, f"loss={name} did not update the policy"
 
 

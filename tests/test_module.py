@@ -64,9 +64,7 @@ def test_one_step_changes_policy_not_reference(tiny_model):
     opt.step()
     for k, v in module.reference_model.state_dict().items():
         assert torch.equal(v, before_ref[k]), k
-    changed = [
-        k for k, v in module.policy.state_dict().items() if not torch.equal(v, before_pol[k])
-    ]
+    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before_pol[k])]
     assert len(changed) == len(before_pol)
 
 

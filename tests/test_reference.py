@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from dpo_lightning.engine import PaddedEngine
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
+from dpo_lightning.engine import PaddedEngine
 from dpo_lightning.losses import DPOLoss, MixLoss, SFTLoss, SimPOLoss
 from dpo_lightning.module import DPOModule
 from dpo_lightning.reference import (
@@ -135,9 +135,7 @@ def fit_and_collect(module, datamodule, steps=2):
     return metrics | {k: v.item() for k, v in trainer.callback_metrics.items()}
 
 
-def test_precomputed_matches_copy_and_second_run_calls_the_model_zero_times(
-    tokenizer, datamodule, tmp_path
-):
+def test_precomputed_matches_copy_and_second_run_calls_the_model_zero_times(tokenizer, datamodule, tmp_path):
     copy_metrics = fit_and_collect(module_with(tokenizer, CopyReference()), datamodule)
 
     first = PrecomputedReference(cache_dir=str(tmp_path))
@@ -180,9 +178,7 @@ class KWiseData(L.LightningDataModule):
         return torch.utils.data.DataLoader(self.examples, batch_size=4, collate_fn=self.collator)
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(
-            self.examples[:4], batch_size=2, collate_fn=self.collator
-        )
+        return torch.utils.data.DataLoader(self.examples[:4], batch_size=2, collate_fn=self.collator)
 
 
 def test_precomputed_works_with_k_wise_rankings(tokenizer, tmp_path):
@@ -251,9 +247,7 @@ def test_adapter_matches_copy_on_the_first_step(tokenizer, datamodule):
         ref,
         CopyReference()
         .completion_logps(
-            SimpleNamespace(
-                reference_model=make_tiny_model(len(tokenizer)).eval(), engine=PaddedEngine()
-            ),
+            SimpleNamespace(reference_model=make_tiny_model(len(tokenizer)).eval(), engine=PaddedEngine()),
             batch,
         )
         .logps,

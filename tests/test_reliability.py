@@ -32,9 +32,7 @@ def test_resumed_loader_yields_exactly_the_remaining_batches(epoch, consumed):
     full = _loader()
     full.sampler.set_epoch(epoch)
     expected = [b.tolist() for b in full]
-    assert sorted(i for batch in expected for i in batch) == list(
-        range(23)
-    )  # a permutation, every row once
+    assert sorted(i for batch in expected for i in batch) == list(range(23))  # a permutation, every row once
 
     interrupted = _loader()
     interrupted.sampler.set_epoch(epoch)
@@ -87,9 +85,7 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(
-        CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"
-    ):
+    with pytest.raises(CheckpointWriteError, match=r"disk full.*previous checkpoints kept: \['last.ckpt'\]"):
         io.save_checkpoint({"step": 8, "w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 4  # the old file, intact
@@ -172,9 +168,7 @@ def test_skip_policy_skips_and_counts_nonfinite_steps():
 
 def test_stop_policy_names_step_and_rows():
     guard = NonFiniteGuard("stop")
-    with pytest.raises(
-        NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"
-    ):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step 2 .*batch 1\), data rows \[2, 3\]"):
         _fit(_Regression(nan_at={1}), guard, steps=3)
 
 
@@ -222,9 +216,7 @@ def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
     assert "lost in the crash" not in capsys.readouterr().out
 
     (gap,) = csv_histories([CSVLogger(tmp_path, name="csv", version="")], step=7)
-    assert (
-        len(gap.rows) == 5 and "no rows for step 7 (lost in the crash)" in capsys.readouterr().out
-    )
+    assert len(gap.rows) == 5 and "no rows for step 7 (lost in the crash)" in capsys.readouterr().out
 
 
 def test_fast_forward_is_dropped_when_lightning_moves_to_the_next_epoch():

@@ -26,9 +26,7 @@ from tests.conftest import compose, make_tiny_model
 
 def test_bradley_terry_hand_worked():
     # rewards r = [1, 0, 2]; pairs 0≻1 and 2≻1: -log σ(1) = 0.313262, -log σ(2) = 0.126928
-    losses = reward_model_loss(
-        torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0, 2]), torch.tensor([1, 1])
-    )
+    losses = reward_model_loss(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0, 2]), torch.tensor([1, 1]))
     torch.testing.assert_close(losses, torch.tensor([0.313262, 0.126928]), atol=1e-6, rtol=0)
     assert losses[0].item() == pytest.approx(math.log1p(math.exp(-1)))
 
@@ -60,8 +58,7 @@ def test_reward_reads_the_last_real_token_and_shares_the_backbone(tokenizer, dat
     assert rm.base_model is lm.base_model  # no copy of the backbone
     head = rm.score.weight.numel()
     assert (
-        sum(p.numel() for p in rm.parameters())
-        == sum(p.numel() for p in lm.base_model.parameters()) + head
+        sum(p.numel() for p in rm.parameters()) == sum(p.numel() for p in lm.base_model.parameters()) + head
     )
     examples = [datamodule.val_set[i] for i in range(3)]
     right = PreferenceCollator(tokenizer.pad_token_id, "right")(examples)

@@ -58,20 +58,14 @@ def test_cut_at_eos_and_left_pad():
 def test_sample_completions_shapes_and_seed(tokenizer):
     model = make_tiny_model(len(tokenizer))
     prompt_ids = encode_prompts(tokenizer, ["Review of Iron Valley:", "The"])
-    a = sample_completions(
-        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3
-    )
-    b = sample_completions(
-        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=2, seed=3
-    )
+    a = sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3)
+    b = sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=2, seed=3)
     assert len(a) == 2 and all(len(row) == 3 for row in a)
     for row in a:
         for c in row:
             assert 1 <= len(c) <= 6
             assert tokenizer.eos_token_id not in c[:-1]  # nothing after an EOS
-    assert a == sample_completions(
-        model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3
-    )
+    assert a == sample_completions(model, tokenizer, prompt_ids, k=3, max_new_tokens=6, batch_size=1, seed=3)
     assert len(b) == 2
 
 
@@ -86,10 +80,7 @@ def test_sampling_is_untruncated(tokenizer):
     outside_mass = 1 - probs.topk(50).values.sum().item()
     assert outside_mass > 0.3  # a random tiny model spreads its mass
     first = [
-        c[0]
-        for c in sample_completions(
-            model, tokenizer, prompt, k=2000, max_new_tokens=1, batch_size=1
-        )[0]
+        c[0] for c in sample_completions(model, tokenizer, prompt, k=2000, max_new_tokens=1, batch_size=1)[0]
     ]
     share = sum(t not in top50 for t in first) / len(first)
     assert share == pytest.approx(outside_mass, abs=0.04)
@@ -111,9 +102,7 @@ def test_completion_logps_match_naive_loop(tokenizer):
 
 # -- rewards -----------------------------------------------------------------------------------
 def test_vader_orders_sentiment():
-    r = VaderReward()(
-        ["The acting was wonderful. I loved it.", "The film came out.", "Awful. I hated it."]
-    )
+    r = VaderReward()(["The acting was wonderful. I loved it.", "The film came out.", "Awful. I hated it."])
     assert r[0] > 0.5 and r[1] == 0.0 and r[2] < -0.5
 
 
@@ -146,16 +135,11 @@ def test_classifier_reward_is_positive_probability(tiny_classifier, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     texts = ["The acting was wonderful.", "Awful.", "The story was dull and boring. Avoid it."]
-    reward = ClassifierReward(
-        str(tiny_classifier), positive_label="POSITIVE", batch_size=2, device="cpu"
-    )
+    reward = ClassifierReward(str(tiny_classifier), positive_label="POSITIVE", batch_size=2, device="cpu")
     got = reward(texts)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_classifier).eval()
     with torch.no_grad():  # one text at a time: no padding at all
-        expected = [
-            model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
-            for t in texts
-        ]
+        expected = [model(**tokenizer(t, return_tensors="pt")).logits.softmax(-1)[0, 1].item() for t in texts]
     torch.testing.assert_close(got, torch.tensor(expected), rtol=1e-4, atol=1e-5)
     neg = ClassifierReward(str(tiny_classifier), positive_label="NEGATIVE", device="cpu")(texts)
     torch.testing.assert_close(got + neg, torch.ones(3), rtol=1e-5, atol=1e-5)
@@ -219,9 +203,7 @@ def test_best_of_n_numbers():
     assert best_of_n_kl(1) == 0.0
     assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
     assert best_of_n_reward(torch.tensor([[0.1, 0.9], [-1.0, -0.5]])) == pytest.approx(0.2)
-    assert sequence_kl(
-        torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0])
-    ).item() == pytest.approx(0.75)
+    assert sequence_kl(torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0])).item() == pytest.approx(0.75)
 
 
 def test_kl_is_zero_for_the_reference_and_positive_after_a_change(tokenizer):

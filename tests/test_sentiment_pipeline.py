@@ -51,9 +51,7 @@ def test_pipeline_configs_compose_with_their_training_overrides(pipeline, tmp_pa
         assert cfg.base.name_or_path == "gpt2-large" and cfg.corpus.path == "stanfordnlp/imdb"
         assert cfg.reward.name_or_path == "siebert/sentiment-roberta-large-english"
         assert cfg.sample.k == 4 and cfg.label.pairing._target_.endswith("AllPairs")
-        assert (
-            dpo.optim.optimizer._target_ == "torch.optim.RMSprop" and dpo.optim.optimizer.lr == 1e-6
-        )
+        assert dpo.optim.optimizer._target_ == "torch.optim.RMSprop" and dpo.optim.optimizer.lr == 1e-6
         assert dpo.optim.scheduler.num_warmup_steps == 150 and dpo.data.batch_size == 64
         assert list(cfg.dpo.betas) == [0.05, 0.1, 1.0, 5.0]
     else:

@@ -19,9 +19,7 @@ from tests.conftest import compose, make_tiny_model
 def test_token_nll_is_token_weighted():
     # Two completions: 3 tokens with summed logp -3, 1 token with logp -5: (3 + 5) / 4 = 2,
     # not the mean of per-sequence means (1 + 5) / 2 = 3.
-    assert token_nll(torch.tensor([-3.0, -5.0]), torch.tensor([3.0, 1.0])).item() == pytest.approx(
-        2.0
-    )
+    assert token_nll(torch.tensor([-3.0, -5.0]), torch.tensor([3.0, 1.0])).item() == pytest.approx(2.0)
 
 
 def test_sft_rows_are_unique_winners_or_all_rows():
@@ -65,9 +63,7 @@ def test_stage_group_selects_module():
 
 
 def test_sft_stage_on_text_lowers_loss_and_exports(tmp_path):
-    texts = ["The story was wonderful and moving. I loved it."] * 24 + [
-        "The cast was dull. Avoid it."
-    ] * 24
+    texts = ["The story was wonderful and moving. I loved it."] * 24 + ["The cast was dull. Avoid it."] * 24
     data = tmp_path / "text"
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(data))
     run = tmp_path / "run"

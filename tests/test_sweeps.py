@@ -112,9 +112,7 @@ def test_optuna_sweep_of_three_trials(tmp_path):
     jobs = _jobs(sweep)
     assert len(jobs) == 3
     losses = [json.loads((j / "summary.json").read_text())["val"]["loss"] for j in jobs]
-    betas = {
-        yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["loss"]["beta"] for j in jobs
-    }
+    betas = {yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["loss"]["beta"] for j in jobs}
     assert len(betas) == 3  # three different suggestions
     assert (tmp_path / "optuna.db").exists()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -122,9 +120,7 @@ def test_optuna_sweep_of_three_trials(tmp_path):
 
 
 @pytest.mark.slow
-def test_submitit_local_launcher_runs_jobs_in_their_own_processes_one_wandb_group(
-    tmp_path, fresh_launch
-):
+def test_submitit_local_launcher_runs_jobs_in_their_own_processes_one_wandb_group(tmp_path, fresh_launch):
     sweep = tmp_path / "submitit"
     run_cli(
         [

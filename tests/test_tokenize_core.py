@@ -4,9 +4,7 @@ from dpo_lightning.data.tokenize import tokenize_example, truncate
 
 
 def test_prompt_bos_once_completion_eos_once(tokenizer):
-    ex = tokenize_example(
-        tokenizer, "Review of Open Water:", [" The story was great.", " Bad."], 64
-    )
+    ex = tokenize_example(tokenizer, "Review of Open Water:", [" The story was great.", " Bad."], 64)
     assert ex.prompt_ids[0] == tokenizer.bos_token_id
     assert ex.prompt_ids.count(tokenizer.bos_token_id) == 1
     for comp in ex.completion_ids:
@@ -19,14 +17,16 @@ def test_prompt_bos_once_completion_eos_once(tokenizer):
 
 def test_prompt_cut_first_then_completions_never_empty():
     prompt, comps = list(range(100, 140)), [list(range(10)), list(range(5))]
-    ex = truncate(prompt, comps, max_length=30, max_prompt_length=25, truncation_mode="keep_end",
-                  has_bos=True)
+    ex = truncate(
+        prompt, comps, max_length=30, max_prompt_length=25, truncation_mode="keep_end", has_bos=True
+    )
     # prompt cut to 25, then to max_length - longest completion = 20, keeping BOS and the end
     assert len(ex.prompt_ids) == 20 and ex.prompt_ids[0] == 100 and ex.prompt_ids[-1] == 139
     assert ex.completion_ids == comps and ex.truncated_prompt and not ex.truncated_completion
     # a very long completion: the prompt keeps max_length // 2, the completion is cut from the end
-    ex2 = truncate(prompt, [list(range(60)), [1]], max_length=30, max_prompt_length=25,
-                   truncation_mode="keep_start")
+    ex2 = truncate(
+        prompt, [list(range(60)), [1]], max_length=30, max_prompt_length=25, truncation_mode="keep_start"
+    )
     assert ex2.prompt_ids == prompt[:15]
     assert ex2.completion_ids[0] == list(range(15)) and ex2.truncated_completion
     assert all(len(c) > 0 for c in ex2.completion_ids)

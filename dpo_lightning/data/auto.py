@@ -62,9 +62,7 @@ class AutoFormat:
                 f"{sorted(FORMATS)} (and data.columns.* for other column names)"
             )
         name = next(iter(votes))
-        self.inner = FORMATS[name](
-            columns=self.columns, system_prompt=self.system_prompt, **self.kwargs
-        )
+        self.inner = FORMATS[name](columns=self.columns, system_prompt=self.system_prompt, **self.kwargs)
         print(f"[dpo_lightning] data {source}: detected format {name!r}")
         return self.inner
 
@@ -89,8 +87,6 @@ def resolve_format(fmt: str | Callable | None) -> Callable:
         if fmt == "auto":
             return AutoFormat()
         if fmt not in FORMATS:
-            raise ValueError(
-                f"data.format {fmt!r} unknown; use one of {['auto', *sorted(FORMATS)]}"
-            )
+            raise ValueError(f"data.format {fmt!r} unknown; use one of {['auto', *sorted(FORMATS)]}")
         return FORMATS[fmt]()
     return fmt

@@ -117,9 +117,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {on_invalid!r}")
         if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(
-                f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}"
-            )
+            raise ValueError(f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
         self.tokenizer = tokenizer
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -149,11 +147,7 @@ class PreferenceDataModule(L.LightningDataModule):
         sources = self._sources()
         if isinstance(self.format, AutoFormat):
             train = sources[self.train_split]
-            sample = [
-                r.row
-                for _, r in zip(range(200), train.records(), strict=False)
-                if r.row is not None
-            ]
+            sample = [r.row for _, r in zip(range(200), train.records(), strict=False) if r.row is not None]
             self.format.detect(sample, train.label)
         rows = {}
         for split, src in sources.items():
@@ -187,13 +181,9 @@ class PreferenceDataModule(L.LightningDataModule):
             return {self.train_split: Source(str(local), "line", lambda: read_json_records(local))}
         dd = load_raw(self.path, self.name)
         if local.is_file():  # a lone csv / parquet file
-            return {
-                self.train_split: Source(str(local), "row", lambda: dataset_records(dd["train"]))
-            }
+            return {self.train_split: Source(str(local), "row", lambda: dataset_records(dd["train"]))}
         if self.train_split not in dd:
-            raise ValueError(
-                f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}"
-            )
+            raise ValueError(f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}")
         splits = [s for s in (self.train_split, self.val_split) if s and s in dd]
         return {s: Source(f"{self.path}[{s}]", "row", _records_of(dd[s])) for s in splits}
 
@@ -234,9 +224,7 @@ class PreferenceDataModule(L.LightningDataModule):
             ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
         ).to_dict()
         keep = []
-        for i, (row_id, reason) in enumerate(
-            zip(cols["row_id"], cols["drop_reason"], strict=False)
-        ):
+        for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=False)):
             if reason:
                 report.drop(reason, row_id + 1)
                 continue

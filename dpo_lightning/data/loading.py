@@ -28,11 +28,7 @@ def load_raw(path: str, name: str | None = None, split: str | None = None) -> da
         dd = datasets.load_dataset(builder, data_files={"train": str(local)})
     elif local.is_dir() and _is_saved_dataset(local):
         loaded = datasets.load_from_disk(str(local))
-        dd = (
-            loaded
-            if isinstance(loaded, datasets.DatasetDict)
-            else datasets.DatasetDict(train=loaded)
-        )
+        dd = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     elif local.exists() or path.startswith((".", "/", "~")):
         if not local.exists():
             raise FileNotFoundError(f"data.path {path!r} does not exist")

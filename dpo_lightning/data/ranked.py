@@ -35,9 +35,7 @@ Pairs = list[tuple[int, int]]
 
 def all_pairs(scores: list[float], rng: random.Random) -> Pairs:
     """Every ``(i, j)`` with ``scores[i] > scores[j]``: K(K-1)/2 pairs when there are no ties."""
-    return [
-        (i, j) for i, j in itertools.permutations(range(len(scores)), 2) if scores[i] > scores[j]
-    ]
+    return [(i, j) for i, j in itertools.permutations(range(len(scores)), 2) if scores[i] > scores[j]]
 
 
 def best_vs_worst(scores: list[float], rng: random.Random) -> Pairs:
@@ -129,11 +127,7 @@ class RankedFormat(RowFormat):
             return texts, [it.get(self.score_key) for it in items]
         if self.choice_column is not None:
             choice = require_value(row, self.choice_column)
-            if (
-                not isinstance(choice, int)
-                or isinstance(choice, bool)
-                or not 0 <= choice < len(texts)
-            ):
+            if not isinstance(choice, int) or isinstance(choice, bool) or not 0 <= choice < len(texts):
                 raise InvalidRow(f"wrong_type_{self.choice_column}")
             return texts, [float(i == choice) for i in range(len(texts))]
         scores = require_value(row, self.col("scores"))

@@ -35,7 +35,9 @@ def length_grouped_order(
     for start in range(0, len(indices), mega):
         chunk = sorted(indices[start : start + mega], key=lambda i: -lengths[i])
         for j in range(0, len(chunk), batch_size):
-            (full if len(chunk[j : j + batch_size]) == batch_size else short).append(chunk[j : j + batch_size])
+            (full if len(chunk[j : j + batch_size]) == batch_size else short).append(
+                chunk[j : j + batch_size]
+            )
     random.Random(seed).shuffle(full)
     return [i for batch in (*full, *short) for i in batch]
 

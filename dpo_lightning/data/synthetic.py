@@ -13,19 +13,75 @@ import random
 import datasets
 
 TITLES = [
-    "Midnight Harbor", "The Glass Orchard", "Paper Lanterns", "Iron Valley", "Quiet Storm",
-    "The Last Ferry", "Crimson Tide Pool", "Northern Lights", "The Clockmaker", "Salt and Smoke",
-    "Hollow Crown", "Blue Meridian", "The Long Winter", "Echo Park", "Silver Lining",
-    "Desert Bloom", "The River Road", "Stone Garden", "Velvet Hours", "Open Water",
+    "Midnight Harbor",
+    "The Glass Orchard",
+    "Paper Lanterns",
+    "Iron Valley",
+    "Quiet Storm",
+    "The Last Ferry",
+    "Crimson Tide Pool",
+    "Northern Lights",
+    "The Clockmaker",
+    "Salt and Smoke",
+    "Hollow Crown",
+    "Blue Meridian",
+    "The Long Winter",
+    "Echo Park",
+    "Silver Lining",
+    "Desert Bloom",
+    "The River Road",
+    "Stone Garden",
+    "Velvet Hours",
+    "Open Water",
 ]
-SUBJECTS = ["The story", "The acting", "The music", "The ending", "The cast", "The script",
-            "The camera work", "The pacing", "The dialogue", "The lead actor"]
-POSITIVE = ["wonderful", "brilliant", "delightful", "moving", "superb", "charming", "excellent",
-            "gripping", "beautiful", "hilarious", "fantastic", "lovely", "great", "inspiring"]
-NEGATIVE = ["terrible", "boring", "awful", "dull", "clumsy", "painful", "weak", "tedious",
-            "lifeless", "dreadful", "horrible", "bland", "bad", "annoying"]
-VERDICT = {"pos": ["I loved it.", "I would watch it again.", "Highly recommended."],
-           "neg": ["I hated it.", "I want my money back.", "Avoid it."]}
+SUBJECTS = [
+    "The story",
+    "The acting",
+    "The music",
+    "The ending",
+    "The cast",
+    "The script",
+    "The camera work",
+    "The pacing",
+    "The dialogue",
+    "The lead actor",
+]
+POSITIVE = [
+    "wonderful",
+    "brilliant",
+    "delightful",
+    "moving",
+    "superb",
+    "charming",
+    "excellent",
+    "gripping",
+    "beautiful",
+    "hilarious",
+    "fantastic",
+    "lovely",
+    "great",
+    "inspiring",
+]
+NEGATIVE = [
+    "terrible",
+    "boring",
+    "awful",
+    "dull",
+    "clumsy",
+    "painful",
+    "weak",
+    "tedious",
+    "lifeless",
+    "dreadful",
+    "horrible",
+    "bland",
+    "bad",
+    "annoying",
+]
+VERDICT = {
+    "pos": ["I loved it.", "I would watch it again.", "Highly recommended."],
+    "neg": ["I hated it.", "I want my money back.", "Avoid it."],
+}
 PROMPTS = ["Review of {title}:", "What did you think of {title}?\n", "My thoughts on {title}:"]
 
 

@@ -68,9 +68,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return dedup_bos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
 
 
-def encode_completion(
-    tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True
-) -> list[int]:
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
     """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return with_eos(ids, tokenizer.eos_token_id) if add_eos else ids
@@ -117,9 +115,7 @@ def tokenize_example(
     prompt_ids = encode_prompt(tokenizer, prompt)
     completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
     has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(
-        prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos
-    )
+    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
 
 
 @dataclass(frozen=True)

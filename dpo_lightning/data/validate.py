@@ -61,15 +61,11 @@ def read_json_records(path: str | Path) -> Iterator[Record]:
             json.loads(data.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             where = f"line {err.lineno}" if isinstance(err, json.JSONDecodeError) else "bytes"
-            raise InvalidDataError(
-                f"{path}: not valid JSON ({where}): {err}; fix the file"
-            ) from None
+            raise InvalidDataError(f"{path}: not valid JSON ({where}): {err}; fix the file") from None
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if raw.strip():
             parsed = parse_json_line(raw)
-            yield (
-                Record(lineno, parsed) if isinstance(parsed, dict) else Record(lineno, fault=parsed)
-            )
+            yield (Record(lineno, parsed) if isinstance(parsed, dict) else Record(lineno, fault=parsed))
 
 
 def _whole_document(data: bytes) -> list | None:

@@ -236,6 +236,4 @@ def require_lengths(name: str, **tensors: Tensor | None) -> None:
     """One clear error when a length-normalised loss is called without completion lengths."""
     missing = [k for k, v in tensors.items() if v is None]
     if missing:
-        raise ValueError(
-            f"{name} needs the keyword argument(s) {missing} (completion token counts)"
-        )
+        raise ValueError(f"{name} needs the keyword argument(s) {missing} (completion token counts)")

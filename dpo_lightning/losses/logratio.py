@@ -121,8 +121,4 @@ class APODownLoss(ReferenceLoss):
     """
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
-        return (
-            torch.sigmoid(self.beta * pair.chosen_logratios)
-            + 1
-            - torch.sigmoid(self.beta * pair.logits)
-        )
+        return torch.sigmoid(self.beta * pair.chosen_logratios) + 1 - torch.sigmoid(self.beta * pair.logits)

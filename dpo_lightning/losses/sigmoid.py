@@ -63,9 +63,7 @@ class RobustDPOLoss(ReferenceLoss):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
         super().__init__(beta)
         if not 0 <= label_smoothing < 0.5:
-            raise ValueError(
-                f"loss.label_smoothing must be in [0, 0.5) for robust, got {label_smoothing}"
-            )
+            raise ValueError(f"loss.label_smoothing must be in [0, 0.5) for robust, got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
@@ -94,9 +92,7 @@ class IPOLoss(ReferenceLoss):
     """
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
-        require_lengths(
-            "IPOLoss", chosen_lengths=pair.chosen_lengths, rejected_lengths=pair.rejected_lengths
-        )
+        require_lengths("IPOLoss", chosen_lengths=pair.chosen_lengths, rejected_lengths=pair.rejected_lengths)
         delta = per_token(pair.chosen_logratios, pair.chosen_lengths) - per_token(
             pair.rejected_logratios, pair.rejected_lengths
         )
@@ -116,9 +112,7 @@ class ExoPairLoss(ReferenceLoss):
     def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3) -> None:
         super().__init__(beta)
         if not 0 < label_smoothing < 1:
-            raise ValueError(
-                f"loss.label_smoothing must be in (0, 1) for exo_pair, got {label_smoothing}"
-            )
+            raise ValueError(f"loss.label_smoothing must be in (0, 1) for exo_pair, got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def pair_losses(self, pair: PairLogps) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpo_lightning.logps import CompletionStats, concatenated_forward
+from dpo_lightning.logps import CompletionStats
 from dpo_lightning.reference.base import ReferenceStrategy
 
 

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from dpo_lightning.logps import CompletionStats, concatenated_forward
+from dpo_lightning.logps import CompletionStats
 
 
 class ReferenceStrategy:

@@ -66,9 +66,7 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // samples)].float().cpu()
-        h.update(
-            f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.10e}".encode()
-        )
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|{flat.double().sum().item():.10e}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()
 
@@ -160,9 +158,7 @@ class PrecomputedReference(ReferenceStrategy):
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     @torch.no_grad()
-    def _compute_shard(
-        self, module: nn.Module, trainer: L.Trainer, datamodule: Any, key: str
-    ) -> None:
+    def _compute_shard(self, module: nn.Module, trainer: L.Trainer, datamodule: Any, key: str) -> None:
         rank, world = trainer.global_rank, trainer.world_size
         policy = module.policy
         was_training = policy.training
@@ -183,10 +179,7 @@ class PrecomputedReference(ReferenceStrategy):
                     with trainer.precision_plugin.forward_context():
                         stats = concatenated_forward(
                             policy,
-                            *(
-                                batch[k].to(device)
-                                for k in ("input_ids", "attention_mask", "labels")
-                            ),
+                            *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
                         )
                     self.forward_calls += 1
                     logps.append(stats.logps.float().cpu())
@@ -214,9 +207,7 @@ class PrecomputedReference(ReferenceStrategy):
 
     def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats:
         if self.table is None:
-            raise RuntimeError(
-                "reference=precomputed: the table is built in DPOModule.setup (fit/validate)"
-            )
+            raise RuntimeError("reference=precomputed: the table is built in DPOModule.setup (fit/validate)")
         keys = row_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
         try:
             values = [self.table[k] for k in keys]

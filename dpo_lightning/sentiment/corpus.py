@@ -45,9 +45,7 @@ def _review(rng: random.Random) -> str:
         pol = "pos" if rng.random() < bias else "neg"
         subject = rng.choice(SUBJECTS)
         a, b = rng.sample(LEXICON[pol], 2)
-        parts.append(
-            rng.choice(SENTENCES).format(subject=subject, subject_l=subject.lower(), a=a, b=b)
-        )
+        parts.append(rng.choice(SENTENCES).format(subject=subject, subject_l=subject.lower(), a=a, b=b))
     parts.append(rng.choice(VERDICTS["pos" if rng.random() < bias else "neg"]))
     return " ".join(parts)
 
@@ -73,9 +71,7 @@ def hub_reviews(
     ds = datasets.load_dataset(path, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
-    return ds.map(
-        lambda r: {"text": r[column].replace("<br />", " ")}, remove_columns=ds.column_names
-    )
+    return ds.map(lambda r: {"text": r[column].replace("<br />", " ")}, remove_columns=ds.column_names)
 
 
 def review_prefixes(

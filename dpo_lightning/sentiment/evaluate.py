@@ -58,9 +58,7 @@ def best_of_n_reward(rewards: Tensor) -> float:
     return float(rewards.max(dim=1).values.mean())
 
 
-def decode_completions(
-    tokenizer: PreTrainedTokenizerBase, ids: list[list[list[int]]]
-) -> list[list[str]]:
+def decode_completions(tokenizer: PreTrainedTokenizerBase, ids: list[list[list[int]]]) -> list[list[str]]:
     return [[tokenizer.decode(c, skip_special_tokens=True) for c in row] for row in ids]
 
 
@@ -79,18 +77,14 @@ def sample_and_score(
     """Sample ``k`` completions per prompt from ``policy``, score them with ``reward`` (on
     prompt + completion) and, with a ``reference``, their log-ratios ``log π − log π_ref``
     (zeros without one)."""
-    ids = sample_completions(
-        policy, tokenizer, prompt_ids, k, max_new_tokens, batch_size, seed=seed
-    )
+    ids = sample_completions(policy, tokenizer, prompt_ids, k, max_new_tokens, batch_size, seed=seed)
     texts = decode_completions(tokenizer, ids)
     full = [p + c for p, row in zip(prompts, texts, strict=True) for c in row]
     rewards = reward(full).float().view(len(prompts), k)
     if reference is None:
         log_ratios = torch.zeros_like(rewards)
     else:
-        pad = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         log_ratios = completion_logps(policy, prompt_ids, ids, pad, batch_size) - completion_logps(
             reference, prompt_ids, ids, pad, batch_size
         )

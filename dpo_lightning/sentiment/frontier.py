@@ -40,9 +40,7 @@ def plot_frontier(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     dpo = sorted((r for r in rows if r["label"] not in ("sft", "best_of_n")), key=lambda r: r["kl"])
     if dpo:
-        ax.plot(
-            [r["kl"] for r in dpo], [r["reward"] for r in dpo], "o-", color="tab:blue", label="DPO"
-        )
+        ax.plot([r["kl"] for r in dpo], [r["reward"] for r in dpo], "o-", color="tab:blue", label="DPO")
         for r in dpo:
             ax.annotate(
                 f"β={r['beta']:g}",
@@ -56,9 +54,7 @@ def plot_frontier(
         if r["label"] in markers:
             marker, color, name = markers[r["label"]]
             name = name.replace("N", f"{r['n']:g}") if r.get("n") else name
-            ax.scatter(
-                [r["kl"]], [r["reward"]], marker=marker, s=160, color=color, label=name, zorder=3
-            )
+            ax.scatter([r["kl"]], [r["reward"]], marker=marker, s=160, color=color, label=name, zorder=3)
     ax.set_xlabel("KL(π‖π_ref) per completion (nats)")
     ax.set_ylabel(f"mean {reward_name}")
     ax.set_title(title or "Reward vs KL frontier (held-out prefixes)")

@@ -41,9 +41,7 @@ def preference_rows(
     """Pairs of every prompt as rows; pairs whose texts are equal or blank are skipped (no
     preference can be learnt from them and the data format rejects them)."""
     rows = []
-    for pid, (prompt, texts, row_scores) in enumerate(
-        zip(prompts, completions, scores, strict=True)
-    ):
+    for pid, (prompt, texts, row_scores) in enumerate(zip(prompts, completions, scores, strict=True)):
         for w, lose in pairing(row_scores):
             if texts[w] == texts[lose] or not texts[w].strip() or not texts[lose].strip():
                 continue
@@ -60,9 +58,7 @@ def preference_rows(
     return rows
 
 
-def preference_dataset(
-    rows: list[dict], val_fraction: float = 0.05, seed: int = 0
-) -> datasets.DatasetDict:
+def preference_dataset(rows: list[dict], val_fraction: float = 0.05, seed: int = 0) -> datasets.DatasetDict:
     """``{train, validation}`` split **by prompt**, so no validation prompt is trained on."""
     if not rows:
         raise ValueError(

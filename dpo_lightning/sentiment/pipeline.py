@@ -84,9 +84,7 @@ def make_corpus(cfg: DictConfig, run: Path) -> tuple[list[str], list[str]]:
     texts = list(instantiate(cfg.corpus)["text"])
     n_eval = cfg.prompts.n_eval
     if len(texts) <= n_eval + 2:
-        raise ValueError(
-            f"corpus has {len(texts)} texts: need more than prompts.n_eval + 2 = {n_eval + 2}"
-        )
+        raise ValueError(f"corpus has {len(texts)} texts: need more than prompts.n_eval + 2 = {n_eval + 2}")
     train_texts, eval_texts = texts[:-n_eval], texts[-n_eval:]
     n_val = max(1, len(train_texts) // 50)
     datasets.DatasetDict(
@@ -117,9 +115,7 @@ def make_base(cfg: DictConfig, run: Path, texts: list[str]) -> str:
     return str(out)
 
 
-def make_pairs(
-    cfg: DictConfig, run: Path, sft_path: Path, prompts: list[str], reward
-) -> dict[str, Any]:
+def make_pairs(cfg: DictConfig, run: Path, sft_path: Path, prompts: list[str], reward) -> dict[str, Any]:
     """Sample K completions per prompt from π_SFT, score them, save ``samples/`` and ``pairs/``."""
     tokenizer = load_tokenizer(str(sft_path))
     model = load_causal_lm(str(sft_path)).to(_device())
@@ -140,9 +136,9 @@ def make_pairs(
         .view(len(prompts), s.k)
         .tolist()
     )
-    datasets.Dataset.from_dict(
-        {"prompt": prompts, "completions": texts, "scores": scores}
-    ).save_to_disk(str(run / "samples"))
+    datasets.Dataset.from_dict({"prompt": prompts, "completions": texts, "scores": scores}).save_to_disk(
+        str(run / "samples")
+    )
     rows = preference_rows(prompts, texts, scores, instantiate(cfg.label.pairing))
     preference_dataset(rows, cfg.label.val_fraction, cfg.seed).save_to_disk(str(run / "pairs"))
     return {
@@ -261,9 +257,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     tick("sft")
     tokenizer = load_tokenizer(str(sft))
     p = cfg.prompts
-    train_prompts = review_prefixes(
-        train_texts[: p.n_train], tokenizer, p.min_tokens, p.max_tokens, cfg.seed
-    )
+    train_prompts = review_prefixes(train_texts[: p.n_train], tokenizer, p.min_tokens, p.max_tokens, cfg.seed)
     eval_prompts = review_prefixes(eval_texts, tokenizer, p.min_tokens, p.max_tokens, cfg.seed + 1)
     data_stats = make_pairs(cfg, run, sft, train_prompts, reward)
     tick("sample+label")
@@ -296,10 +290,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in rows:
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
-        print(
-            f"[dpo-sentiment] {r['label']:>16} β={beta:<5} "
-            f"reward={r['reward']:.4f} KL={r['kl']:.3f}"
-        )
+        print(f"[dpo-sentiment] {r['label']:>16} β={beta:<5} reward={r['reward']:.4f} KL={r['kl']:.3f}")
     print(
         f"[dpo-sentiment] wrote {run / 'frontier.csv'} and {run / 'frontier.png'} "
         f"in {summary['wall_seconds']:.0f} s"

@@ -65,9 +65,7 @@ class ClassifierReward(RewardFunction):
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = (
-            AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
-        )
+        self.model = AutoModelForSequenceClassification.from_pretrained(name_or_path).to(self.device).eval()
         labels = {v: int(k) for k, v in self.model.config.id2label.items()}
         if positive_label not in labels:
             raise ValueError(
