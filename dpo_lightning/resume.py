@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import dpo_lightning
@@ -26,7 +28,10 @@ from dpo_lightning.errors import UserError
 # Config groups that define the trained model; a resume must not change any key in them.
 RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer", "train")
 # Keys inside those groups that may differ between the run and its resume.
-RESUME_MAY_CHANGE = ("trainer.default_root_dir", "trainer.enable_progress_bar")
+# Keys a resume may change. ``trainer.max_steps``: continuing a finished or killed run for longer
+# is routine (the LR schedule is then rebuilt for the new length, so only an unchanged
+# max_steps reproduces an uninterrupted run bit for bit).
+RESUME_MAY_CHANGE = ("trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.max_steps")
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -66,14 +71,17 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """The checkpoint to resume from: ``ckpt_path``, or ``<run dir>/checkpoints/last.ckpt``."""
     if cfg.get("ckpt_path"):
         path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise UserError(f"ckpt_path={cfg.ckpt_path!r} does not exist (give a .ckpt file)")
+        if not (path.is_file() or is_sharded_checkpoint(path)):
+            raise UserError(
+                f"ckpt_path={cfg.ckpt_path!r} does not exist (give a .ckpt file, or the folder of "
+                "a sharded FSDP checkpoint)"
+            )
         return str(path)
     if not cfg.get("resume"):
         return None
     run_dir = Path(cfg.paths.output_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
+    if not (last.is_file() or is_sharded_checkpoint(last)):
         raise UserError(
             f"resume=true but {last} does not exist: pass the run directory to continue with "
             "hydra.run.dir=<run dir> (it must hold checkpoints/last.ckpt), or use ckpt_path=<file>"
@@ -81,13 +89,21 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(last)
 
 
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A distributed (FSDP2) checkpoint: a folder of per-rank shards plus Lightning's ``meta.pt``
+    holding everything but the weights (our metadata included)."""
+    return path.is_dir() and (path / _METADATA_FILENAME).is_file()
+
+
 def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
     """Load ``path`` (weights_only) and check it was written by this version with this config.
 
     Returns the checkpoint's metadata (``global_step`` included).
     """
+    sharded = is_sharded_checkpoint(Path(path))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        file = Path(path) / _METADATA_FILENAME if sharded else path
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=not sharded)
     except Exception as err:
         raise UserError(
             f"cannot read checkpoint {path}: {type(err).__name__}: {err}".splitlines()[0]
@@ -131,6 +147,8 @@ class MetricsHistory:
 
     def restore(self, loggers: list[Any]) -> None:
         """Write the kept rows back through the matching CSV logger (after it is created)."""
+        if rank_zero_only.rank != 0:  # other ranks hold a dummy experiment; rank 0 writes
+            return
         for logger in loggers:
             if isinstance(logger, CSVLogger) and Path(logger.log_dir) == self.metrics_file.parent:
                 experiment = logger.experiment  # creating it deleted the old file

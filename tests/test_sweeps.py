@@ -70,21 +70,22 @@ def test_single_run_failure_exits_non_zero(tmp_path):
 @pytest.mark.slow
 def test_failed_job_does_not_stop_the_sweep_and_each_job_has_its_wandb_run(tmp_path, fresh_launch):
     sweep = tmp_path / "sweep"
-    # Job 0 fails in trainer.fit, after its W&B run was opened; job 1 must get its own run.
+    # Job 0 fails in trainer.fit, after its W&B run was opened (an injected NaN gradient with
+    # on_nonfinite=stop); job 1 skips that step, finishes, and must get its own W&B run.
     run_cli(
         [
             "-m",
             f"hydra.sweep.dir={sweep}",
             *FAST,
             "logger=wandb",
-            "ckpt_path=missing.ckpt,null",
+            "train.on_nonfinite=stop,skip",
         ],
         tmp_path,
-        env=ENV,
+        env={**ENV, "DPO_LIGHTNING_FAULTS": "nan@1"},
     )
     failed, ok = _jobs(sweep)
     log = (failed / "train.log").read_text()
-    assert "job 0 failed" in log and "Traceback" in log and "missing.ckpt" in log
+    assert "job 0 failed" in log and "Traceback" in log and "non-finite gradient" in log
     assert not (failed / "summary.json").exists()
     assert json.loads((ok / "summary.json").read_text())["steps"] == 3
     (id0, groups0), (id1, groups1) = _wandb_run(failed), _wandb_run(ok)
