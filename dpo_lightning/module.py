@@ -14,10 +14,11 @@ from dpo_lightning.logps import CompletionStats
 from dpo_lightning.losses import PreferenceLoss
 from dpo_lightning.metrics import preference_metrics
 from dpo_lightning.parallel import apply_parallelism
+from dpo_lightning.policy_module import PolicyModule
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(PolicyModule):
     """Direct Preference Optimization (https://arxiv.org/abs/2305.18290).
 
     Args:
@@ -41,11 +42,8 @@ class DPOModule(L.LightningModule):
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
     ) -> None:
-        super().__init__()
-        self.policy = policy
+        super().__init__(policy, optimizer, scheduler)
         self.loss_fn = loss
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
         self.engine = engine or PaddedEngine()
         self.reference = reference or CopyReference()
         self.reference.attach(self)
@@ -116,30 +114,11 @@ class DPOModule(L.LightningModule):
         )
         return losses.mean()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the optimizer would have seen unclipped.
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
-        }
 
     # The frozen reference is rebuilt from its source: keep it out of checkpoints, so a
     # checkpoint holds one copy of the weights.

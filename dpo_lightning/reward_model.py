@@ -17,13 +17,13 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from dpo_lightning.logps import position_ids_from_mask
 from dpo_lightning.losses import reward_model_loss
+from dpo_lightning.policy_module import PolicyModule
 
 
 def reward_model_from_causal_lm(lm: PreTrainedModel, pad_token_id: int | None = None) -> PreTrainedModel:
@@ -67,7 +67,7 @@ def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: 
     return model.score(last).squeeze(-1).float()  # (B,)
 
 
-class RewardModelModule(L.LightningModule):
+class RewardModelModule(PolicyModule):
     """Bradley–Terry reward model: ``L = −log σ(r(x, yw) − r(x, yl))`` per pair.
 
     Args:
@@ -92,13 +92,11 @@ class RewardModelModule(L.LightningModule):
         center_rewards_coefficient: float = 0.0,
         pad_token_id: int | None = None,
     ) -> None:
-        super().__init__()
         if loss is not None or reference is not None:
             raise ValueError(
                 "reward-model training uses the Bradley–Terry loss: set loss=null reference=null"
             )
-        self.policy = reward_model_from_causal_lm(policy, pad_token_id)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        super().__init__(reward_model_from_causal_lm(policy, pad_token_id), optimizer, scheduler)
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
@@ -128,21 +126,3 @@ class RewardModelModule(L.LightningModule):
             prog_bar=False,
         )
         return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
-        }

@@ -16,12 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
 
 from dpo_lightning.data.formats import RowFormat, require_text
 from dpo_lightning.logps import concatenated_forward
+from dpo_lightning.policy_module import PolicyModule
 
 
 def sft_rows(batch: dict[str, Any]) -> Tensor:
@@ -41,7 +41,7 @@ def token_nll(logps: Tensor, lengths: Tensor) -> Tensor:
     return -logps.sum() / lengths.sum().clamp(min=1.0)
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(PolicyModule):
     """Causal-LM fine-tuning on completion tokens (prompt tokens are context only).
 
     Args:
@@ -60,10 +60,7 @@ class SFTModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
     ) -> None:
-        super().__init__()
-        self.policy = policy
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
+        super().__init__(policy, optimizer, scheduler)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
@@ -84,24 +81,6 @@ class SFTModule(L.LightningModule):
             prog_bar=True,
         )
         return loss
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(
-            optimizer=optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
-        }
 
 
 class TextFormat(RowFormat):
