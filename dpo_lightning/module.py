@@ -94,24 +94,9 @@ class DPOModule(PolicyModule):
             policy.mean_logits[ci],
             policy.mean_logits[ri],
         )
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in metrics.items()},
-            batch_size=int(batch["num_pairs"]),
-            on_step=stage == "train",
-            on_epoch=stage != "train",
-            sync_dist=True,
-            prog_bar=False,
-        )
-        self.log(
-            f"{stage}/acc",
-            metrics["rewards/accuracies"],
-            prog_bar=True,
-            batch_size=int(batch["num_pairs"]),
-            logger=False,
-            sync_dist=True,
-            on_step=stage == "train",
-            on_epoch=stage != "train",
-        )
+        pairs = int(batch["num_pairs"])
+        self.log_stage(metrics, stage, pairs)
+        self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, pairs, prog_bar=True, logger=False)
         return losses.mean()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

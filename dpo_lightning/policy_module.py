@@ -36,6 +36,21 @@ class PolicyModule(L.LightningModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         raise NotImplementedError
 
+    def log_stage(
+        self, metrics: dict[str, Tensor], stage: str, batch_size: int, prog_bar: bool = False, **kwargs: Any
+    ) -> None:
+        """Log ``{stage}/{name}``: per step while training, per epoch (the mean over validation
+        batches) otherwise, averaged over ranks (``sync_dist``)."""
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in metrics.items()},
+            batch_size=batch_size,
+            on_step=stage == "train",
+            on_epoch=stage != "train",
+            sync_dist=True,
+            prog_bar=prog_bar,
+            **kwargs,
+        )
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")
 

@@ -117,12 +117,5 @@ class RewardModelModule(PolicyModule):
             "rewards/rejected": rejected.mean(),
             "rewards/margins": (chosen - rejected).mean(),
         }
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in metrics.items()},
-            batch_size=int(batch["num_pairs"]),
-            on_step=stage == "train",
-            on_epoch=stage != "train",
-            sync_dist=True,
-            prog_bar=False,
-        )
+        self.log_stage(metrics, stage, int(batch["num_pairs"]))
         return loss

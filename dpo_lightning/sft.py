@@ -72,14 +72,7 @@ class SFTModule(PolicyModule):
         )
         loss = token_nll(stats.logps, stats.lengths)
         n = int(rows.numel())
-        self.log_dict(
-            {f"{stage}/loss": loss, f"{stage}/ppl": loss.detach().exp()},
-            batch_size=n,
-            on_step=stage == "train",
-            on_epoch=stage != "train",
-            sync_dist=True,
-            prog_bar=True,
-        )
+        self.log_stage({"loss": loss, "ppl": loss.detach().exp()}, stage, n, prog_bar=True)
         return loss
 
 
