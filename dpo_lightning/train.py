@@ -39,7 +39,8 @@ from dpo_lightning.tokenizer import load_tokenizer
 # The frozen reference is in eval mode on purpose; Lightning warns about it at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Shipped inside the package (`conf/` at the top of the repo links here): any install, any cwd.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 mark_launch()  # before Hydra starts: shared by all jobs of this invocation (W&B group)
 
 
