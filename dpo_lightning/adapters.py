@@ -60,7 +60,14 @@ def apply_lora(
 
 def build_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
     """``model`` wrapped by :func:`apply_lora` when ``model.lora`` is set, else ``model`` itself."""
-    return apply_lora(model, **lora) if lora else model
+    if not lora:
+        return model
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # QLoRA: fp32 norms/head inputs and input grads through the frozen quantized base.
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return apply_lora(model, **lora)
 
 
 def save_policy(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,6 +20,7 @@ def load_causal_lm(
     gguf_file: str | None = None,
     disable_dropout: bool = True,
     seed: int = 0,
+    quantization: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """A causal LM from ``name_or_path`` (hub id or local dir), or built from ``config``.
 
@@ -34,6 +35,8 @@ def load_causal_lm(
         disable_dropout: set every dropout probability to 0 (DPO compares log-probs of policy
             and reference; dropout noise in either biases the log-ratio).
         seed: initialisation seed when building from ``config``.
+        quantization: ``BitsAndBytesConfig`` arguments (e.g. ``{load_in_4bit: true}``) to load the
+            weights quantized — QLoRA with ``model.lora`` (needs CUDA and bitsandbytes).
     """
     torch_dtype = DTYPES[dtype]
     if name_or_path is None:
@@ -50,6 +53,8 @@ def load_causal_lm(
         )
     else:
         extra = {"gguf_file": gguf_file} if gguf_file else {}
+        if quantization:
+            extra["quantization_config"] = bnb_config(quantization)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=torch_dtype,
@@ -61,6 +66,12 @@ def load_causal_lm(
     if disable_dropout:
         set_dropout(model, 0.0)
     return model
+
+
+def bnb_config(quantization: dict[str, Any]) -> BitsAndBytesConfig:
+    """``BitsAndBytesConfig`` from config values; dtype names (``bfloat16``) become dtypes."""
+    kwargs = {k: DTYPES.get(v, v) if k.endswith("_dtype") else v for k, v in quantization.items()}
+    return BitsAndBytesConfig(**kwargs)
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
