@@ -33,7 +33,6 @@ from dpo_lightning.data.tokenize import (
     TokenizedExample,
     dedup_bos,
     example_record,
-    truncate,
 )
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -175,15 +174,7 @@ def tokenize_chat_batch(
                 comps.append(ids)
                 notes += [note] if note else []
         if drop is None:
-            has_bos = bool(prompt_ids) and prompt_ids[0] == bos
-            ex = truncate(
-                prompt_ids,
-                comps,
-                limits.max_length,
-                limits.max_prompt_length,
-                limits.truncation_mode,
-                has_bos,
-            )
+            ex = limits.apply(prompt_ids, comps, bos)
         else:
             ex = TokenizedExample(prompt_ids, [], drop_reason=drop)
         ex.notes = notes

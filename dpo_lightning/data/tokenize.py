@@ -127,6 +127,13 @@ class Limits:
     truncation_mode: str = "keep_end"
     add_eos: bool = True
 
+    def apply(self, prompt_ids: list[int], completions: list[list[int]], bos: int | None) -> TokenizedExample:
+        """:func:`truncate` under these limits; a leading ``bos`` of the prompt is kept."""
+        has_bos = bool(prompt_ids) and prompt_ids[0] == bos
+        return truncate(
+            prompt_ids, completions, self.max_length, self.max_prompt_length, self.truncation_mode, has_bos
+        )
+
 
 def example_record(row_id: int, pairs: list[list[int]], ex: TokenizedExample) -> dict[str, Any]:
     """One tokenised row as stored in the cached data set (``length``: longest padded row)."""
@@ -165,15 +172,7 @@ def tokenize_text_batch(
         if limits.add_eos:
             comps = [with_eos(c, eos) for c in comps]
         prompt_ids = dedup_bos(prompt_ids, bos)
-        has_bos = bool(prompt_ids) and prompt_ids[0] == bos
-        ex = truncate(
-            prompt_ids,
-            comps,
-            limits.max_length,
-            limits.max_prompt_length,
-            limits.truncation_mode,
-            has_bos,
-        )
+        ex = limits.apply(prompt_ids, comps, bos)
         for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
             out.setdefault(key, []).append(value)
     return out
