@@ -13,11 +13,10 @@ completion with an empty prompt and no pairs, and every completion token is trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dpo_lightning.data.formats import RowFormat, require_text
 from dpo_lightning.logps import concatenated_forward
@@ -53,14 +52,6 @@ class SFTModule(PolicyModule):
     only the rows :func:`sft_rows` selects. Logs ``{train,val}/loss`` (token NLL) and
     ``{train,val}/ppl``.
     """
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-    ) -> None:
-        super().__init__(policy, optimizer, scheduler)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
