@@ -7,8 +7,9 @@
     dpo-train logger=wandb                       # W&B (offline when no API key)
     dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
 
-Reads top to bottom: seed → tokenizer → data → policy → module → callbacks/loggers → trainer →
-fit → validate → export → summary. Returns the metric named by ``optimized_metric`` for sweepers.
+:func:`train` reads top to bottom: preflight → seed → tokenizer → engine → data → stage module →
+callbacks/loggers → trainer → fit → validate → export → summary. It returns the metric named by
+``optimized_metric`` for sweepers.
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_lightning.adapters import build_lora, save_policy
-from dpo_lightning.callbacks import PairThroughput
-from dpo_lightning.errors import hydra_errors, report_errors
-from dpo_lightning.models import load_causal_lm
-from dpo_lightning.parallel import full_policy_state_dict, sum_over_ranks
-from dpo_lightning.preflight import preflight
-from dpo_lightning.reliability import nonfinite_skipped, reliability_callbacks
-from dpo_lightning.resume import csv_histories
-from dpo_lightning.summary import print_table, scalar_metrics, write_summary
-from dpo_lightning.sweeps import mark_launch, run_job
-from dpo_lightning.tokenizer import load_tokenizer
+from dpo_lightning.engine import ForwardEngine
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.lora import build_lora, save_policy
+from dpo_lightning.models.parallel import full_state_dict
+from dpo_lightning.models.tokenizers import load_tokenizer
+from dpo_lightning.reporting.summary import print_table, run_summary, scalar_metrics, write_summary
+from dpo_lightning.reporting.throughput import RunTotals
+from dpo_lightning.run.callbacks import nonfinite_skipped, reliability_callbacks
+from dpo_lightning.run.errors import hydra_errors, report_errors
+from dpo_lightning.run.preflight import preflight
+from dpo_lightning.run.resume import csv_histories
+from dpo_lightning.run.sweeps import mark_launch, run_job
 
 # The frozen reference is in eval mode on purpose; Lightning warns about it at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -42,6 +44,45 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 # Shipped inside the package (`conf/` at the top of the repo links here): any install, any cwd.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 mark_launch()  # before Hydra starts: shared by all jobs of this invocation (W&B group)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one training job from a composed config; returns ``cfg.optimized_metric``'s value."""
+    start = time.perf_counter()
+    resume = preflight(cfg)  # one-line failures before any tokenizing or model work
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer(cfg.model)
+    engine = instantiate(cfg.get("engine"))  # built once: the DataModule's collator and the forward
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, layout=engine)
+    datamodule.setup("fit")  # validate and tokenize before any model work
+    module = build_module(cfg, len(tokenizer), engine)
+    loggers = build_loggers(cfg)
+    callbacks = build_callbacks(cfg, has_loggers=bool(loggers))
+    histories = csv_histories(loggers, resume["global_step"]) if resume else []
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log_config(cfg, loggers, histories)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume["path"] if resume else None)
+    metrics = {"train": scalar_metrics(trainer.callback_metrics, "train")}
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    metrics["val"] = scalar_metrics(trainer.callback_metrics, "val")
+    export_dir = Path(cfg.paths.output_dir) / "hf_model"
+    policy_state = full_state_dict(module.policy)  # collective: the FSDP2 / ZeRO-3 gather
+    totals = next(c for c in callbacks if isinstance(c, RunTotals))
+    extra = {
+        "run_dir": cfg.paths.output_dir,
+        "export": str(export_dir),
+        "resumed_from": resume["path"] if resume else None,
+        "nonfinite_steps_skipped": nonfinite_skipped(callbacks),
+    }
+    summary = run_summary(trainer, metrics, totals, datamodule.report(), extra)  # collective
+    if trainer.is_global_zero:
+        merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
+        save_policy(module.policy, export_dir, merge_adapter=merge, state_dict=policy_state)
+        tokenizer.save_pretrained(export_dir)
+        summary["wall_seconds"] = time.perf_counter() - start
+        write_summary(export_dir.parent / "summary.json", summary)
+        print_table(summary)
+    return objective(cfg, summary)
 
 
 def build_tokenizer(model_cfg: DictConfig):
@@ -58,80 +99,40 @@ def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
     return build_lora(load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed), lora)
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Run one training job from a composed config; returns ``cfg.optimized_metric``'s value."""
-    start = time.perf_counter()
-    resume = preflight(cfg)  # one-line failures before any tokenizing or model work
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir = Path(cfg.paths.output_dir)
-
-    tokenizer = build_tokenizer(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    datamodule.setup("fit")  # validate and tokenize before any model work
-
-    policy = build_policy(cfg.model, len(tokenizer), cfg.seed)
-    # The stage group (stage=dpo|sft|reward_model) names the LightningModule and its parts.
-    module = instantiate(
+def build_module(cfg: DictConfig, vocab_size: int, engine: ForwardEngine | None) -> L.LightningModule:
+    """The stage's LightningModule (``stage=dpo|sft|reward_model`` names it and its parts)."""
+    return instantiate(
         cfg.stage.module,
-        policy=policy,
+        policy=build_policy(cfg.model, vocab_size, cfg.seed),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        engine=engine,
     )
-    engine = getattr(module, "engine", None)  # the stage's forward engine (conf/engine)
-    if engine is not None:
-        engine.prepare(datamodule)  # its batch layout (collator) and batch order
 
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
+
+
+def build_callbacks(cfg: DictConfig, has_loggers: bool) -> list[L.Callback]:
+    """The configured callbacks, the run totals ``summary.json`` needs, and the reliability
+    callbacks every run gets."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    throughput = next((c for c in callbacks if isinstance(c, PairThroughput)), None) or PairThroughput()
-    callbacks = [*(c for c in callbacks if c is not throughput), throughput]
-    callbacks += reliability_callbacks(cfg)
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg]
-    if not loggers:  # logger=none: an LR monitor would refuse to start with nothing to write to
+    if not has_loggers:  # logger=none: an LR monitor would refuse to start with nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    histories = csv_histories(loggers, resume["global_step"]) if resume else []
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return [*callbacks, RunTotals(), *reliability_callbacks(cfg)]
+
+
+def log_config(cfg: DictConfig, loggers: list[Any], histories: list[Any]) -> None:
+    """The resolved config to every logger; a resumed run continues the killed one's history."""
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    for history in histories:  # a resumed run continues the metric history of the killed one
+    for history in histories:
         history.restore(loggers)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume["path"] if resume else None)
-    train_metrics = scalar_metrics(trainer.callback_metrics, "train")
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    val_metrics = scalar_metrics(trainer.callback_metrics, "val")
 
-    export_dir = run_dir / "hf_model"
-    # Counts are per rank: sum them (collective, like the FSDP2 gather of the full weights).
-    pairs, tokens = sum_over_ranks(trainer, throughput.total_pairs, throughput.total_tokens)
-    policy_state = full_policy_state_dict(module)
-    ckpt_cb = trainer.checkpoint_callback
-    summary = {
-        "run_dir": str(run_dir),
-        "steps": trainer.global_step,
-        "train": train_metrics,
-        "val": val_metrics,
-        "pairs_per_sec": pairs / max(throughput.train_seconds, 1e-9),
-        "tokens_per_sec": tokens / max(throughput.train_seconds, 1e-9),
-        "pairs_trained": pairs,
-        "wall_seconds": time.perf_counter() - start,
-        "rows_dropped": sum(sum(r.dropped.values()) for r in datamodule.reports.values()),
-        "data": datamodule.report(),
-        "checkpoint": (ckpt_cb.last_model_path or ckpt_cb.best_model_path or None) if ckpt_cb else None,
-        "export": str(export_dir),
-        "resumed_from": resume["path"] if resume else None,
-        "nonfinite_steps_skipped": nonfinite_skipped(callbacks),
-    }
-    if trainer.is_global_zero:
-        merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
-        save_policy(module.policy, export_dir, merge_adapter=merge, state_dict=policy_state)
-        tokenizer.save_pretrained(export_dir)
-        summary["wall_seconds"] = time.perf_counter() - start
-        write_summary(run_dir / "summary.json", summary)
-        print_table(summary)
-    return _objective(cfg, summary)
-
-
-def _objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+def objective(cfg: DictConfig, summary: dict[str, Any]) -> float | None:
+    """``optimized_metric`` (``stage/metric``) read from the summary, for sweepers."""
     name = cfg.get("optimized_metric")
     if not name:
         return None

@@ -23,14 +23,14 @@ import time
 import lightning as L
 import torch
 
-from dpo_lightning.adapters import apply_lora
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
 from dpo_lightning.losses import DPOLoss
-from dpo_lightning.models import load_causal_lm
-from dpo_lightning.module import DPOModule
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.lora import apply_lora
+from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer
 from dpo_lightning.reference import AdapterReference, CopyReference, PrecomputedReference
-from dpo_lightning.tokenizer import offline_sentiment_tokenizer
+from dpo_lightning.stages.dpo import DPOModule
 
 
 class StepTimer(L.Callback):

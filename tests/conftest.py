@@ -29,13 +29,13 @@ def _isolated_env(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dpo_lightning.tokenizer import offline_sentiment_tokenizer
+    from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer
 
     return offline_sentiment_tokenizer(vocab_size=256, n=400)
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, **overrides):
-    from dpo_lightning.models import load_causal_lm
+    from dpo_lightning.models.loading import load_causal_lm
 
     config = (
         dict(
@@ -61,22 +61,32 @@ def tiny_model(tokenizer):
 def run_cli(
     args: list[str], tmp_path: Path, timeout: int = 300, check: bool = True, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m dpo_lightning.train`` in a subprocess (never DDP inside pytest)."""
-    cmd = [sys.executable, "-m", "dpo_lightning.train", *args]
+    """Run ``python -m dpo_lightning.train`` in a subprocess (never DDP inside pytest).
+
+    With ``DPO_LIGHTNING_FAULTS`` set, the run gets the test-only fault injector
+    (:mod:`tests.faults`)."""
     full_env = {**os.environ, "WANDB_DIR": str(tmp_path / "wandb"), **(env or {})}
+    cmd = [sys.executable, "-m", "dpo_lightning.train", *args, *_fault_overrides(full_env)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"CLI failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def _fault_overrides(env) -> list[str]:
+    from tests.faults import ENV, OVERRIDE
+
+    return [OVERRIDE] if env.get(ENV) else []
+
+
 def compose(overrides: list[str] | None = None, tmp_path: Path | None = None):
-    """Compose the real config with ``hydra.compose`` (HydraConfig set, so interpolations work)."""
+    """Compose the real config with ``hydra.compose`` (HydraConfig set, so interpolations work);
+    with ``DPO_LIGHTNING_FAULTS`` set, with the test-only fault injector."""
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = list(overrides or [])
+    overrides = [*(overrides or []), *_fault_overrides(os.environ)]
     if tmp_path is not None:
         overrides.append(f"hydra.run.dir={tmp_path}")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -3,7 +3,7 @@
 import torch
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.logps import IGNORE_INDEX
+from dpo_lightning.engine.logps import IGNORE_INDEX
 
 
 def test_collate_masks_labels_and_pairs():

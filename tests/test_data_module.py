@@ -94,7 +94,7 @@ IMDB = {"path": str(FIXTURES / "imdb.jsonl"), "format": StandardFormat(columns={
 
 
 def test_second_run_does_not_tokenise_again(tokenizer, tmp_path, monkeypatch):
-    from dpo_lightning.tokenizer import offline_sentiment_tokenizer
+    from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer
 
     first = make_dm(tokenizer, tmp_path, **IMDB)
     first.setup("fit")
@@ -117,7 +117,7 @@ def test_tokenisation_cache_is_found_from_another_process(tokenizer, tmp_path):
     make_dm(tokenizer, tmp_path, **IMDB).setup("fit")
     code = (
         "import json, sys; sys.path[:0] = ['.']\n"
-        "from dpo_lightning.tokenizer import offline_sentiment_tokenizer\n"
+        "from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer\n"
         "from dpo_lightning.data.datamodule import PreferenceDataModule\n"
         "from dpo_lightning.data.formats import StandardFormat\n"
         "dm = PreferenceDataModule(offline_sentiment_tokenizer(vocab_size=256, n=400), "
@@ -155,7 +155,7 @@ class RowCounter(L.Callback):
 
 def test_kwise_forwards_each_completion_once_per_step(tokenizer, tmp_path):
     from dpo_lightning.losses import DPOLoss
-    from dpo_lightning.module import DPOModule
+    from dpo_lightning.stages.dpo import DPOModule
 
     dm = make_dm(
         tokenizer,
@@ -260,7 +260,7 @@ def test_columns_and_auto_format_from_the_config(tokenizer, tmp_path):
     )
     dm = instantiate(cfg.data, tokenizer=tokenizer)
     dm.setup("fit")
-    assert isinstance(dm.format.inner, ImplicitPromptFormat)
+    assert isinstance(dm.format, ImplicitPromptFormat)
 
 
 def test_row_ids_are_line_numbers_and_flow_into_the_batch(tokenizer, tmp_path):

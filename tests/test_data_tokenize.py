@@ -8,7 +8,7 @@ import pytest
 
 from dpo_lightning.data.chat import tokenize_chat_batch
 from dpo_lightning.data.tokenize import Limits, tokenize_text_batch, truncate
-from dpo_lightning.tokenizer import offline_sentiment_tokenizer, train_bpe_tokenizer
+from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer, train_bpe_tokenizer
 
 B = 1  # a stand-in BOS id for the pure truncation tests
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,15 +15,15 @@ from hydra.utils import instantiate
 from torch.utils.data import DistributedSampler
 
 from dpo_lightning.data.sampler import ResumableSampler
-from dpo_lightning.parallel import (
+from dpo_lightning.models.parallel import (
     FSDP2Strategy,
     apply_parallelism,
     decoder_layers,
-    full_policy_state_dict,
+    full_state_dict,
     is_sharded,
     shard_model,
 )
-from dpo_lightning.scale_callbacks import global_batch_line
+from dpo_lightning.reporting.scale import global_batch_line
 from tests.conftest import compose, make_tiny_model
 
 
@@ -89,10 +88,10 @@ def test_decoder_layers_found_and_missing_is_a_clear_error(tokenizer):
 
 
 def test_apply_parallelism_is_a_noop_without_model_parallel(tokenizer):
-    module = SimpleNamespace(_trainer=SimpleNamespace(), policy=make_tiny_model(len(tokenizer)))
-    module.trainer = SimpleNamespace(strategy=object())
-    apply_parallelism(module)
-    assert not is_sharded(module.policy)
+    policy = make_tiny_model(len(tokenizer))
+    assert not apply_parallelism(object(), policy, [])
+    assert not apply_parallelism(None, policy, [])  # no trainer yet
+    assert not is_sharded(policy)
 
 
 @pytest.fixture
@@ -117,7 +116,7 @@ def test_fsdp2_sharding_keeps_outputs_and_exports_full_tied_weights(tokenizer, o
     shard_model(model, one_rank_group, settings)
     assert is_sharded(model)
     torch.testing.assert_close(model(ids).logits, expected)
-    state = full_policy_state_dict(SimpleNamespace(policy=model))
+    state = full_state_dict(model)
     # One entry per distinct parameter (the tied LM head is not written twice), full tensors.
     assert set(state) == set(reference) - {"lm_head.weight"}
     for key, value in state.items():
@@ -138,17 +137,14 @@ def test_fsdp2_bf16_compute_fp32_master_weights(tokenizer, one_rank_group):
 def test_apply_parallelism_shards_policy_and_frozen_reference(tokenizer, one_rank_group):
     from dpo_lightning.losses import DPOLoss
     from dpo_lightning.reference import CopyReference
+    from dpo_lightning.stages import DPOModule
 
     strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
-    module = SimpleNamespace(
-        policy=make_tiny_model(len(tokenizer)), reference=CopyReference(), loss_fn=DPOLoss()
-    )
-    module.reference.attach(module)
-    module._trainer = module.trainer = SimpleNamespace(strategy=strategy)
-    module.device_mesh = {"data_parallel": one_rank_group}
-    apply_parallelism(module)
+    strategy._device_mesh = {"data_parallel": one_rank_group}
+    module = DPOModule(make_tiny_model(len(tokenizer)), DPOLoss(), optimizer=None, reference=CopyReference())
+    assert module._reference_left_out()  # unsharded: a rebuilt copy stays out of checkpoints
+    assert apply_parallelism(strategy, module.policy, [module.reference.model])
     assert is_sharded(module.policy) and is_sharded(module.reference_model)
     assert not any(p.requires_grad for p in module.reference_model.parameters())
     assert module.policy.is_gradient_checkpointing
-    assert module.reference.frozen_prefix is None  # sharded checkpoints keep the reference
-    assert CopyReference.frozen_prefix == "reference_model."  # other runs are unaffected
+    assert module._reference_left_out() is False  # sharded checkpoints keep the reference

@@ -10,13 +10,13 @@ import random
 import pytest
 import torch
 
-from dpo_lightning.chunked_logps import head_token_logps, linear_token_logps
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine import PackedEngine, PaddedEngine
-from dpo_lightning.logps import token_logps
+from dpo_lightning.engine.chunked_head import head_token_logps, linear_token_logps
+from dpo_lightning.engine.logps import token_logps
+from dpo_lightning.engine.packing import PackedCollator, dense_bool_mask, flex_block_mask
 from dpo_lightning.losses import DPOLoss
-from dpo_lightning.module import DPOModule
-from dpo_lightning.packing import PackedCollator, dense_bool_mask, flex_block_mask
+from dpo_lightning.stages.dpo import DPOModule
 from tests.conftest import make_tiny_model
 
 V = 97
@@ -84,18 +84,19 @@ def test_collator_hand_worked():
 @pytest.mark.parametrize(
     "engine",
     [
-        PackedEngine(prefix_sharing=True, chunk_size=5, attn_implementation=None),
-        PackedEngine(prefix_sharing=False, chunk_size=None, attn_implementation=None),
-        PackedEngine(prefix_sharing=True, chunk_size=None, pad_to_multiple_of=16, attn_implementation=None),
+        (PackedEngine(prefix_sharing=True, chunk_size=5, attn_implementation=None), None),
+        (PackedEngine(prefix_sharing=False, chunk_size=None, attn_implementation=None), None),
+        (PackedEngine(prefix_sharing=True, chunk_size=None, attn_implementation=None), 16),
     ],
     ids=["shared+chunked", "packed-only", "shared+padded-row"],
 )
 def test_packed_stats_equal_padded(engine, attn, padding_side):
+    engine, multiple = engine
     model = make_tiny_model(V).requires_grad_(False)
     ex = _examples()
     want = PaddedEngine()(model, PreferenceCollator(0, padding_side)(ex))
     model.set_attn_implementation(attn)
-    got = engine(model, engine.collator(PreferenceCollator(0))(ex))
+    got = engine(model, engine.collator(0, pad_to_multiple_of=multiple)(ex))
     torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.lengths, want.lengths)
     torch.testing.assert_close(got.mean_logits, want.mean_logits, atol=1e-5, rtol=1e-5)
@@ -108,7 +109,7 @@ def test_packed_loss_and_grads_equal_padded(ks):
     ex = _examples(ks, seed=1)
     want_loss, want_grads = _loss_and_grads(PaddedEngine(), PreferenceCollator(0, "left")(ex))
     engine = PackedEngine(prefix_sharing=True, chunk_size=4)
-    got_loss, got_grads = _loss_and_grads(engine, engine.collator(PreferenceCollator(0))(ex))
+    got_loss, got_grads = _loss_and_grads(engine, engine.collator(0)(ex))
     assert want_loss.abs() > 1e-4  # rewards differ from 0: a real comparison
     torch.testing.assert_close(got_loss, want_loss, atol=1e-6, rtol=1e-5)
     for name, grad in want_grads.items():
@@ -165,7 +166,7 @@ def test_packed_engine_rejects_post_head_transform():
     model.config.final_logit_softcapping = 30.0
     engine = PackedEngine()
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        engine(model, engine.collator(PreferenceCollator(0))(_examples()))
+        engine(model, engine.collator(0)(_examples()))
 
 
 def test_engine_config_composes_and_is_wired(tmp_path):
@@ -179,18 +180,20 @@ def test_engine_config_composes_and_is_wired(tmp_path):
     assert isinstance(engine, PackedEngine) and engine.chunk_size == 7
     assert isinstance(instantiate(compose([], tmp_path).engine), PaddedEngine)  # default
     gpu = instantiate(compose(["engine=fast_gpu"], tmp_path).engine)
-    assert (gpu.attn_implementation, gpu.compile, gpu.pad_to_multiple_of) == (
-        "flex_attention",
-        True,
-        128,
-    )
+    assert (gpu.attn_implementation, gpu.compile) == ("flex_attention", True)
+    assert gpu.collator(3).pad_to_multiple_of == 128  # FlexAttention's block, unless data says
+    assert gpu.collator(3, pad_to_multiple_of=64).pad_to_multiple_of == 64
 
-    class DM:  # the two attributes prepare() touches
-        collator = PreferenceCollator(pad_token_id=3)
+    # The DataModule is given the engine as its batch layout and builds that collator, once.
+    from dpo_lightning.data.datamodule import PreferenceDataModule
+    from dpo_lightning.run.errors import UserError
 
-    dm = DM()
-    engine.prepare(dm)
+    tok = type("Tok", (), {"pad_token_id": 3})()
+    dm = PreferenceDataModule(tok, path="unused.jsonl", layout=engine, pad_to_multiple_of=8)
     assert isinstance(dm.collator, PackedCollator) and dm.collator.pad_token_id == 3
+    assert dm.collator.pad_to_multiple_of == 8 and dm.collator.prefix_sharing
+    with pytest.raises(UserError, match="engine=packed packs each batch into one unpadded row"):
+        PreferenceDataModule(tok, path="unused.jsonl", layout=engine, padding_side="left")
 
 
 @pytest.mark.slow
@@ -203,7 +206,7 @@ def test_cli_packed_engine_trains(tmp_path):
     run_cli(
         [
             "engine=packed",
-            "engine.group_by_length=true",
+            "data.group_by_length=true",
             "debug=fast",
             "logger=csv",
             f"hydra.run.dir={tmp_path}",
@@ -256,14 +259,14 @@ def test_packed_equal_padded_bf16():
     ex = _examples((2, 3, 2), seed=3)
     want = PaddedEngine()(model, PreferenceCollator(0)(ex))
     engine = PackedEngine(chunk_size=4)
-    got = engine(model, engine.collator(PreferenceCollator(0))(ex))
+    got = engine(model, engine.collator(0)(ex))
     assert got.logps.dtype == torch.float32
     torch.testing.assert_close(got.logps, want.logps, atol=2e-2, rtol=2e-3)
 
 
 def test_packed_layout_hand_worked():
     """Documents [p p c1 c2] and [p c1], padded: a (2+1, 4) grid, slots and per-document masks."""
-    from dpo_lightning.doc_attention import packed_layout
+    from dpo_lightning.engine.doc_attention import packed_layout
 
     doc = torch.tensor([1, 1, 1, 1, 2, 2, -1])
     branch = torch.tensor([0, 0, 1, 2, 0, 1, 0])

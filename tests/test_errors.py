@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_lightning.errors import EXIT_CODE, report_errors
+from dpo_lightning.run.errors import EXIT_CODE, report_errors
 from dpo_lightning.train import train
 from tests.conftest import compose, run_cli
 
@@ -110,7 +110,7 @@ def test_hub_id_while_offline_fails_fast(tmp_path, capsys):
 def test_hub_id_with_unreachable_hub_fails_fast(tmp_path, capsys, monkeypatch):
     from huggingface_hub import constants
 
-    from dpo_lightning import preflight
+    from dpo_lightning.run import preflight
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(preflight, "hub_reachable", lambda endpoint: False)
@@ -119,7 +119,7 @@ def test_hub_id_with_unreachable_hub_fails_fast(tmp_path, capsys, monkeypatch):
 
 
 def test_hub_probe_is_fast_on_a_closed_port():
-    from dpo_lightning.preflight import hub_reachable
+    from dpo_lightning.run.preflight import hub_reachable
 
     start = time.perf_counter()
     assert not hub_reachable("http://127.0.0.1:9", timeout=2.0)  # discard port: refused
@@ -133,7 +133,7 @@ def test_max_length_longer_than_context(tmp_path, capsys):
 
 
 def test_tokenizer_without_pad_uses_eos_and_says_so(tmp_path, tokenizer, capsys):
-    from dpo_lightning.tokenizer import load_tokenizer
+    from dpo_lightning.models.tokenizers import load_tokenizer
 
     tok = tokenizer.__class__.from_pretrained(_saved(tokenizer, tmp_path / "t"))
     tok.pad_token = None
@@ -217,7 +217,7 @@ def test_remote_code_is_off_by_default(name):
 
 def test_checkpoint_from_elsewhere_or_another_version_is_refused(tmp_path, capsys):
     import dpo_lightning
-    from dpo_lightning.resume import run_config
+    from dpo_lightning.run.resume import run_config
 
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "global_step": 3}, foreign)

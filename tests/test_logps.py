@@ -5,7 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from dpo_lightning.data.collate import PreferenceCollator
-from dpo_lightning.logps import concatenated_forward
+from dpo_lightning.engine.logps import concatenated_forward
 
 
 def _examples():

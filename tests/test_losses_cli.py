@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
-from dpo_lightning.module import DPOModule
 from dpo_lightning.reference import NoReference
+from dpo_lightning.stages.dpo import DPOModule
 from tests.conftest import CONF_DIR, compose, make_tiny_model, run_cli
 
 LOSSES = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
@@ -93,7 +93,7 @@ def test_every_loss_trains_two_steps(name, tokenizer, datamodule):
 def test_default_reference_follows_the_loss(name, tokenizer):
     """reference=auto (the default): a frozen copy iff the loss reads reference log-probs."""
     module = build([f"loss={name}"], tokenizer)
-    assert hasattr(module, "reference_model") != module.loss_fn.is_reference_free
+    assert (module.reference_model is not None) != module.loss_fn.is_reference_free
     assert isinstance(module.reference, NoReference) == module.loss_fn.is_reference_free
 
 

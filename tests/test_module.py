@@ -7,7 +7,7 @@ import torch
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.losses import DPOLoss
-from dpo_lightning.module import DPOModule
+from dpo_lightning.stages.dpo import DPOModule
 
 
 def _batch():
@@ -84,7 +84,7 @@ def test_checkpoint_holds_one_copy_of_the_weights(tiny_model, tmp_path):
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=False)["state_dict"]
     assert any(k.startswith("policy.") for k in state)
-    assert not any(k.startswith("reference_model.") for k in state)
+    assert not any(k.startswith("reference.") for k in state)
     # Loading re-inserts the (rebuilt) reference, strict loading still works.
     fresh = _module(type(tiny_model)(tiny_model.config))
     ckpt = torch.load(path, weights_only=False)

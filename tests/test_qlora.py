@@ -4,7 +4,7 @@ itself needs CUDA and bitsandbytes, so it is not run here)."""
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.models.loading import load_causal_lm
 from tests.conftest import compose, make_tiny_model
 
 

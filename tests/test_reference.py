@@ -12,9 +12,8 @@ import torch
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
-from dpo_lightning.engine import PaddedEngine
+from dpo_lightning.engine import EngineBatch, PaddedEngine
 from dpo_lightning.losses import DPOLoss, MixLoss, SFTLoss, SimPOLoss
-from dpo_lightning.module import DPOModule
 from dpo_lightning.reference import (
     AdapterReference,
     CopyReference,
@@ -25,6 +24,7 @@ from dpo_lightning.reference import (
     check_pairing,
 )
 from dpo_lightning.reference.precomputed import model_fingerprint, row_keys
+from dpo_lightning.stages.dpo import DPOModule
 from tests.conftest import make_tiny_model
 
 
@@ -87,7 +87,7 @@ def test_reference_free_loss_refuses_a_reference_and_vice_versa(tokenizer):
 
 def test_reference_free_training_never_asks_the_strategy(tokenizer, datamodule):
     module = module_with(tokenizer, NoReference(), loss=SimPOLoss())
-    assert not hasattr(module, "reference_model")
+    assert module.reference_model is None
     loss = module._shared_step(a_batch(datamodule), "train")
     assert torch.isfinite(loss)
 
@@ -120,7 +120,7 @@ def test_cache_key_is_stable_across_fresh_objects_and_follows_settings(tokenizer
         dm.setup("fit")
         module = module_with(tokenizer, PrecomputedReference())
         trainer = SimpleNamespace(precision="32-true")
-        return module.reference.cache_key(module, trainer, dm)
+        return module.reference.cache_key(module.policy, trainer, dm)
 
     assert key(48) == key(48)  # nothing run- or address-dependent in the key
     assert key(48) != key(40)
@@ -140,7 +140,7 @@ def test_precomputed_matches_copy_and_second_run_calls_the_model_zero_times(toke
 
     first = PrecomputedReference(cache_dir=str(tmp_path))
     module = module_with(tokenizer, first)
-    assert not hasattr(module, "reference_model")  # no second copy of the weights, ever
+    assert module.reference_model is None  # no second copy of the weights, ever
     first_metrics = fit_and_collect(module, datamodule)
     n_batches = sum(len(loader) for loader in datamodule.full_dataloaders())
     assert first.forward_calls == n_batches
@@ -186,7 +186,6 @@ def test_precomputed_works_with_k_wise_rankings(tokenizer, tmp_path):
     strategy = PrecomputedReference(cache_dir=str(tmp_path))
     module = module_with(tokenizer, strategy)
     strategy.prepare(
-        module,
         SimpleNamespace(
             datamodule=data,
             global_rank=0,
@@ -196,14 +195,16 @@ def test_precomputed_works_with_k_wise_rankings(tokenizer, tmp_path):
             strategy=SimpleNamespace(root_device=torch.device("cpu"), barrier=lambda name: None),
             precision_plugin=L.pytorch.plugins.precision.Precision(),
         ),
+        module.policy,
+        module.engine,
     )
     reference = CopyReference()
-    reference.build(module)
-    batch = next(iter(data.train_dataloader()))
-    assert batch["chosen_idx"].numel() == 12  # 4 prompts × 3 pairs, 12 completion rows
+    reference.build(module.policy)
+    batch = EngineBatch(next(iter(data.train_dataloader())))
+    assert batch.data["chosen_idx"].numel() == 12  # 4 prompts × 3 pairs, 12 completion rows
     torch.testing.assert_close(
-        strategy.completion_logps(module, batch).logps,
-        reference.completion_logps(module, batch).logps,
+        strategy.completion_logps(batch, module.policy, module.engine).logps,
+        reference.completion_logps(batch, module.policy, module.engine).logps,
         atol=1e-5,
         rtol=0,
     )
@@ -213,7 +214,7 @@ def test_precomputed_works_with_k_wise_rankings(tokenizer, tmp_path):
 
 
 def lora_module(tokenizer, seed=0):
-    from dpo_lightning.adapters import apply_lora
+    from dpo_lightning.models.lora import apply_lora
 
     policy = apply_lora(make_tiny_model(len(tokenizer), seed=seed), r=4, alpha=8)
     return DPOModule(policy=policy, loss=DPOLoss(0.5), optimizer=sgd, reference=AdapterReference())
@@ -242,15 +243,11 @@ def test_adapter_matches_copy_on_the_first_step(tokenizer, datamodule):
         for name, p in adapter.policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    ref = adapter.reference.completion_logps(adapter, batch).logps
+    ref = adapter.reference.completion_logps(EngineBatch(batch), adapter.policy, adapter.engine).logps
+    initial = CopyReference()
+    initial.build(make_tiny_model(len(tokenizer)))
     torch.testing.assert_close(
-        ref,
-        CopyReference()
-        .completion_logps(
-            SimpleNamespace(reference_model=make_tiny_model(len(tokenizer)).eval(), engine=PaddedEngine()),
-            batch,
-        )
-        .logps,
+        ref, initial.completion_logps(EngineBatch(batch), adapter.policy, PaddedEngine()).logps
     )
     assert not torch.allclose(adapter(batch).logps, ref)
     assert adapter.policy.training  # eval only inside the reference forward
@@ -265,7 +262,7 @@ def test_adapter_without_lora_fails_clearly(tokenizer):
 def test_export_saves_adapter_or_merged_model(tokenizer, datamodule, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning.adapters import save_policy
+    from dpo_lightning.models.lora import save_policy
 
     module = lora_module(tokenizer)
     with torch.no_grad():
@@ -302,7 +299,7 @@ def test_sync_soft_update_every_n_steps(tokenizer):
     for r, b, p in zip(module.reference_model.parameters(), before, policy, strict=True):
         torch.testing.assert_close(r, 0.25 * p + 0.75 * b)
     assert not any(p.requires_grad for p in module.reference_model.parameters())
-    assert module.reference.frozen_prefix is None  # a moving reference is checkpointed
+    assert not module.reference.rebuilt_on_start  # a moving reference is checkpointed
 
 
 def test_sync_hard_update_in_training(tokenizer, datamodule):

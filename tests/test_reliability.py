@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_lightning.checkpointing import (
+from dpo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
+from dpo_lightning.run.checkpointing import (
     AtomicCheckpointIO,
     CheckpointWriteError,
     rng_states,
     set_rng_states,
 )
-from dpo_lightning.data.resumable import ResumableDataLoader, ResumableSampler
-from dpo_lightning.errors import UserError
-from dpo_lightning.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
-from dpo_lightning.resume import config_diff
+from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
+from dpo_lightning.run.resume import config_diff
 
 
 # -- resumable loader ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_unknown_policy_is_rejected():
 
 # -- metrics with an empty completion mask ------------------------------------------------------
 def test_empty_completion_mask_gives_finite_metrics(tiny_model):
-    from dpo_lightning.logps import concatenated_forward
+    from dpo_lightning.engine.logps import concatenated_forward
 
     ids = torch.randint(3, 50, (2, 6))
     labels = ids.clone()
@@ -196,7 +196,7 @@ def test_empty_completion_mask_gives_finite_metrics(tiny_model):
 def test_metrics_history_keeps_rows_before_the_checkpoint(tmp_path, capsys):
     from lightning.pytorch.loggers import CSVLogger
 
-    from dpo_lightning.resume import csv_histories
+    from dpo_lightning.run.resume import csv_histories
 
     killed = CSVLogger(tmp_path, name="csv", version="")
     for step in range(6):  # the killed run flushed steps 0..5; its checkpoint is after 4 steps

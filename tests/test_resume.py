@@ -29,13 +29,17 @@ ARGS = [
     "+logger.csv.flush_logs_every_n_steps=1",  # the killed run leaves rows after its checkpoint
 ]
 ENV = {"OMP_NUM_THREADS": "1"}
-# Wall-clock rates differ between any two runs; everything else must match exactly.
-TIMING = ("train/pairs_per_sec", "train/tokens_per_sec")
+# Wall-clock rates differ between any two runs, and ThroughputMonitor's own counters restart
+# with the process (the run totals are RunTotals', in summary.json); everything else must match
+# exactly.
+TIMING = ("train/device/", "train/time", "train/batches", "train/samples", "train/lengths", "validate/")
 
 
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    """Rows of metrics.csv without the timing columns (ThroughputMonitor's rows drop out)."""
     with open(run_dir / "csv" / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+        rows = [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in csv.DictReader(f)]
+    return [r for r in rows if any(v for k, v in r.items() if k not in ("epoch", "step"))]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

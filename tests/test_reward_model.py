@@ -14,8 +14,9 @@ from transformers import AutoModelForSequenceClassification
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
+from dpo_lightning.engine import PackedEngine
 from dpo_lightning.losses import reward_model_loss
-from dpo_lightning.reward_model import (
+from dpo_lightning.stages.reward_model import (
     RewardModelModule,
     last_token_index,
     reward_model_from_causal_lm,
@@ -114,5 +115,5 @@ def test_experiment_composes_without_loss_or_reference(tokenizer):
         optimizer=instantiate(cfg.optim.optimizer),
     )
     assert isinstance(module, RewardModelModule)
-    with pytest.raises(ValueError, match="Bradley–Terry"):
-        RewardModelModule(make_tiny_model(len(tokenizer)), optimizer=None, loss=object())
+    with pytest.raises(ValueError, match="engine=padded"):  # the head reads padded rows
+        RewardModelModule(make_tiny_model(len(tokenizer)), optimizer=None, engine=PackedEngine())

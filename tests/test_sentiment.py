@@ -247,7 +247,7 @@ def test_frontier_csv_roundtrip_and_png(tmp_path):
 def test_gguf_file_reaches_from_pretrained(monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning.models import load_causal_lm
+    from dpo_lightning.models.loading import load_causal_lm
 
     seen = {}
 

@@ -78,7 +78,7 @@ def test_generation_callback_logs_reward_kl_and_table(tokenizer):
     from dpo_lightning.data.datamodule import PreferenceDataModule
     from dpo_lightning.data.synthetic import sentiment_pairs
     from dpo_lightning.losses import DPOLoss
-    from dpo_lightning.module import DPOModule
+    from dpo_lightning.stages.dpo import DPOModule
     from tests.conftest import make_tiny_model
 
     dm = PreferenceDataModule(tokenizer, generator=lambda: sentiment_pairs(60), val_fraction=0.2)

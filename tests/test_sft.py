@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.data.formats import TextFormat
 from dpo_lightning.sentiment.pipeline import compose_train_config
-from dpo_lightning.sft import SFTModule, TextFormat, sft_rows, token_nll
+from dpo_lightning.stages.sft import SFTModule, sft_rows, token_nll
 from dpo_lightning.train import train
 from tests.conftest import compose, make_tiny_model
 
@@ -25,7 +26,8 @@ def test_token_nll_is_token_weighted():
 def test_sft_rows_are_unique_winners_or_all_rows():
     batch = {"input_ids": torch.zeros(5, 3), "num_pairs": 3, "chosen_idx": torch.tensor([0, 0, 3])}
     assert sft_rows(batch).tolist() == [0, 3]
-    assert sft_rows({"input_ids": torch.zeros(4, 3), "num_pairs": 0}).tolist() == [0, 1, 2, 3]
+    batch = {"input_ids": torch.zeros(4, 3), "num_pairs": 0, "num_completions": 4}
+    assert sft_rows(batch).tolist() == [0, 1, 2, 3]
 
 
 def test_text_format_rows():
@@ -58,8 +60,8 @@ def test_sft_loss_matches_cross_entropy_on_chosen_rows(tokenizer):
 
 
 def test_stage_group_selects_module():
-    assert compose(["stage=sft"]).stage.module._target_ == "dpo_lightning.sft.SFTModule"
-    assert compose([]).stage.module._target_ == "dpo_lightning.module.DPOModule"
+    assert compose(["stage=sft"]).stage.module._target_ == "dpo_lightning.stages.sft.SFTModule"
+    assert compose([]).stage.module._target_ == "dpo_lightning.stages.dpo.DPOModule"
 
 
 def test_sft_stage_on_text_lowers_loss_and_exports(tmp_path):

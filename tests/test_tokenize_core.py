@@ -1,17 +1,26 @@
 """Tokenization of one example: BOS once, EOS once, truncation that never empties a completion."""
 
-from dpo_lightning.data.tokenize import tokenize_example, truncate
+from types import SimpleNamespace
+
+from dpo_lightning.data.tokenize import Limits, tokenize_text_batch, truncate
+
+
+def tokenize_one(tokenizer, prompt: str, completions: list[str], max_length: int):
+    """One row through the DataModule's tokenisation function."""
+    batch = {"prompt": [prompt], "completions": [completions], "pairs": [[]], "row_id": [0]}
+    out = tokenize_text_batch(batch, tokenizer, Limits(max_length))
+    return SimpleNamespace(prompt_ids=out["prompt_ids"][0], completion_ids=out["completion_ids"][0])
 
 
 def test_prompt_bos_once_completion_eos_once(tokenizer):
-    ex = tokenize_example(tokenizer, "Review of Open Water:", [" The story was great.", " Bad."], 64)
+    ex = tokenize_one(tokenizer, "Review of Open Water:", [" The story was great.", " Bad."], 64)
     assert ex.prompt_ids[0] == tokenizer.bos_token_id
     assert ex.prompt_ids.count(tokenizer.bos_token_id) == 1
     for comp in ex.completion_ids:
         assert comp[-1] == tokenizer.eos_token_id and comp.count(tokenizer.eos_token_id) == 1
         assert tokenizer.bos_token_id not in comp
     # a prompt that already starts with the BOS text is not given a second one
-    again = tokenize_example(tokenizer, tokenizer.bos_token + "Review of Open Water:", [" ok"], 64)
+    again = tokenize_one(tokenizer, tokenizer.bos_token + "Review of Open Water:", [" ok"], 64)
     assert again.prompt_ids == ex.prompt_ids
 
 

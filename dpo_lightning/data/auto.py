@@ -44,14 +44,22 @@ class AutoFormat:
     Detected: ``{prompt, chosen, rejected}`` strings → standard; ``{chosen, rejected}`` strings →
     implicit_prompt; message lists → conversational; ``{prompt, completions, scores}`` → ranked.
     Anything else (UltraFeedback's raw ``completions`` dicts, SHP, TL;DR) needs a preset or an
-    explicit ``data.format``.
+    explicit ``data.format``. :meth:`detect` returns the detected format (built with this
+    object's columns and system prompt); the DataModule reads rows with that one.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
         self.columns: dict[str, str | None] = dict(kwargs.pop("columns", None) or {})
         self.system_prompt = kwargs.pop("system_prompt", None)
-        self.inner: RowFormat | None = None
+
+    def configured(
+        self, columns: dict[str, str] | None = None, system_prompt: str | None = None
+    ) -> AutoFormat:
+        """A copy with ``columns`` merged in and, when given, another system prompt."""
+        out = AutoFormat(**self.kwargs, columns={**self.columns, **(columns or {})})
+        out.system_prompt = self.system_prompt if system_prompt is None else system_prompt
+        return out
 
     def detect(self, rows: Iterable[dict[str, Any]], source: str = "data") -> RowFormat:
         votes = Counter(k for k in (detect_one(r, self.columns) for r in rows) if k)
@@ -62,21 +70,11 @@ class AutoFormat:
                 f"{sorted(FORMATS)} (and data.columns.* for other column names)"
             )
         name = next(iter(votes))
-        self.inner = FORMATS[name](columns=self.columns, system_prompt=self.system_prompt, **self.kwargs)
         print(f"[dpo_lightning] data {source}: detected format {name!r}")
-        return self.inner
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        if self.inner is None:
-            raise RuntimeError("AutoFormat.detect(rows) must run first")
-        return self.inner(row)
-
-    @property
-    def tokenize_batch(self) -> Callable:
-        return self.inner.tokenize_batch
+        return FORMATS[name](columns=self.columns, system_prompt=self.system_prompt, **self.kwargs)
 
     def __repr__(self) -> str:
-        return f"AutoFormat({self.inner!r})"
+        return f"AutoFormat(columns={self.columns})"
 
 
 def resolve_format(fmt: str | Callable | None) -> Callable:

@@ -23,11 +23,12 @@ No EOS is added: the chat template ends the assistant turn itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.formats import InvalidRow, RowFormat, check_text, require_value
+from dpo_lightning.data.formats import InvalidRow, RowFormat, check_text, common_prefix, require_value
 from dpo_lightning.data.tokenize import (
     Limits,
     TokenizedExample,
@@ -61,15 +62,6 @@ def as_turns(value: Any, key: str, role: str, roles: tuple[str, ...]) -> list[di
     if isinstance(checked, str):
         return [{"role": role, "content": check_text(checked, key)}]
     return checked
-
-
-def common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class ConversationalFormat(RowFormat):
@@ -113,16 +105,13 @@ class ConversationalFormat(RowFormat):
             raise InvalidRow("completion_not_assistant")
         if chosen == rejected:
             raise InvalidRow("chosen_equals_rejected")
-        system = self.system_for(row)
-        if system is not None and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system}, *prompt]
+        prompt = self.with_system_message(prompt, row)
         return {"prompt": prompt, "completions": [chosen, rejected], "pairs": [[0, 1]]}
 
-    @staticmethod
-    def tokenize_batch(
-        batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, limits: Limits
-    ) -> dict[str, list]:
-        return tokenize_chat_batch(batch, tokenizer, limits)
+    @property
+    def tokenize_batch(self) -> Callable[..., dict[str, list]]:
+        """Message lists are rendered with the chat template (:func:`tokenize_chat_batch`)."""
+        return tokenize_chat_batch
 
 
 def completion_after_prompt(

@@ -2,18 +2,75 @@
 
 An example holds one prompt, K ≥ 2 completions and a list of (winner, loser) index pairs into
 them. Each completion becomes one row ``prompt + completion``; pair indices are offset into the
-flat batch so the loss can use the index API of :func:`dpo_lightning.losses.dpo_loss` and each
-completion is forwarded once, however many pairs it is in.
+flat batch (:func:`flat_pairs`) so the loss can use the index API of
+:func:`dpo_lightning.losses.dpo_loss` and each completion is forwarded once, however many pairs
+it is in. The packed layout (:mod:`dpo_lightning.engine.packing`) numbers completions and pairs
+the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from dpo_lightning.logps import IGNORE_INDEX
+#: Label of positions that are not predicted (prompt, padding): HF's cross-entropy ignore index.
+IGNORE_INDEX = -100
+
+
+class BatchLayout(Protocol):
+    """What the DataModule needs from whoever reads its batches (a forward engine): the collator.
+
+    ``collator(pad_token_id, padding_side, pad_to_multiple_of)`` builds the ``examples -> batch``
+    callable; a layout that cannot honour a padding setting raises a one-line error here.
+    """
+
+    def collator(
+        self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
+    ) -> Any: ...
+
+
+@dataclass
+class FlatPairs:
+    """Pairs of a batch as indices into its flat list of completions (0..B-1, example order).
+
+    Attributes:
+        chosen, rejected: (P,) completion index of each pair's winner / loser.
+        row_ids: (P,) source row of each pair (-1 when the example carries none).
+        num_completions: B.
+    """
+
+    chosen: list[int]
+    rejected: list[int]
+    row_ids: list[int]
+    num_completions: int
+
+
+def flat_pairs(examples: list[dict[str, Any]]) -> FlatPairs:
+    """Offset each example's ``pairs`` by the completions of the examples before it."""
+    out = FlatPairs([], [], [], 0)
+    for ex in examples:
+        base = out.num_completions
+        for w, lose in ex["pairs"]:
+            out.chosen.append(base + w)
+            out.rejected.append(base + lose)
+            out.row_ids.append(ex.get("row_id", -1))
+        out.num_completions += len(ex["completion_ids"])
+    return out
+
+
+def pair_tensors(pairs: FlatPairs) -> dict[str, Any]:
+    """The batch keys every layout shares: ``chosen_idx``, ``rejected_idx``, ``pair_row_ids`` (P,),
+    ``num_completions`` (B) and ``num_pairs`` (P) as ints."""
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return {
+        "chosen_idx": long(pairs.chosen),
+        "rejected_idx": long(pairs.rejected),
+        "pair_row_ids": long(pairs.row_ids),
+        "num_completions": pairs.num_completions,
+        "num_pairs": len(pairs.chosen),
+    }
 
 
 @dataclass
@@ -27,7 +84,7 @@ class PreferenceCollator:
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``chosen_idx``,
     ``rejected_idx`` (P,) into B; ``pair_row_ids`` (P,) the source row of each pair;
-    ``num_pairs`` and ``num_tokens`` (real tokens) as ints.
+    ``num_completions`` (B), ``num_pairs`` and ``num_tokens`` (real tokens) as ints.
     """
 
     pad_token_id: int
@@ -35,17 +92,12 @@ class PreferenceCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows, labels, chosen, rejected, pair_rows = [], [], [], [], []
+        rows, labels = [], []
         for ex in examples:
-            base = len(rows)
             prompt = list(ex["prompt_ids"])
             for comp in ex["completion_ids"]:
                 rows.append(prompt + list(comp))
                 labels.append([IGNORE_INDEX] * len(prompt) + list(comp))
-            for w, lose in ex["pairs"]:
-                chosen.append(base + w)
-                rejected.append(base + lose)
-                pair_rows.append(ex.get("row_id", -1))
         width = max(len(r) for r in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -53,10 +105,7 @@ class PreferenceCollator:
             "input_ids": self._pad(rows, self.pad_token_id, width),
             "attention_mask": self._pad([[1] * len(r) for r in rows], 0, width),
             "labels": self._pad(labels, IGNORE_INDEX, width),
-            "chosen_idx": torch.tensor(chosen, dtype=torch.long),
-            "rejected_idx": torch.tensor(rejected, dtype=torch.long),
-            "pair_row_ids": torch.tensor(pair_rows, dtype=torch.long),
-            "num_pairs": len(chosen),
+            **pair_tensors(flat_pairs(examples)),
             "num_tokens": sum(len(r) for r in rows),
         }
 

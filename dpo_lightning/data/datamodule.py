@@ -2,7 +2,9 @@
 
 Every row is validated (all faults of all splits counted with their file and line / row number)
 and tokenised in :meth:`PreferenceDataModule.setup`, which ``train.py`` calls before building the
-model: bad data stops a run before any model work, with one line per fault kind.
+model: bad data stops a run before any model work, with one line per fault kind. The batch layout
+is given at construction (``layout``: the forward engine that reads the batches), so the collator
+is built once, for the engine that will read it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dpo_lightning.data.cache import (
     tokenize_fingerprint,
     tokenizer_fingerprint,
 )
-from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
 from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
@@ -76,6 +78,8 @@ class PreferenceDataModule(L.LightningDataModule):
         on_invalid: ``error`` (stop before any model work) or ``skip`` (drop and count).
         padding_side: ``right`` or ``left``.
         pad_to_multiple_of: round the padded length up.
+        layout: who reads the batches (a forward engine, :class:`BatchLayout`): its collator is
+            built here with ``padding_side`` / ``pad_to_multiple_of``; None = padded rows.
         num_workers: DataLoader workers.
         seed: split seed (and the bucketing shuffle's).
         group_by_length: length-grouped batches for training (less padding).
@@ -110,6 +114,7 @@ class PreferenceDataModule(L.LightningDataModule):
         group_mega_batch_mult: int = 50,
         num_proc: int | None = None,
         cache_dir: str | None = None,
+        layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
         if (path is None) == (generator is None):
@@ -123,10 +128,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.format = resolve_format(format)
         mapped = {k: v for k, v in (columns or {}).items() if v is not None}  # null: keep
-        if mapped:
-            self.format.columns = {**self.format.columns, **mapped}
-        if system_prompt is not None:
-            self.format.system_prompt = system_prompt
+        if mapped or system_prompt is not None:
+            self.format = self.format.configured(mapped, system_prompt)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.limits = Limits(max_length, max_prompt_length, truncation_mode)
@@ -135,7 +138,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.group_by_length, self.group_mega_batch_mult = group_by_length, group_mega_batch_mult
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.collator = PreferenceCollator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        make_collator = layout.collator if layout is not None else PreferenceCollator
+        self.collator = make_collator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
         self.reports: dict[str, DataReport] = {}
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
@@ -148,7 +152,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if isinstance(self.format, AutoFormat):
             train = sources[self.train_split]
             sample = [r.row for _, r in zip(range(200), train.records(), strict=False) if r.row is not None]
-            self.format.detect(sample, train.label)
+            self.format = self.format.detect(sample, train.label)
         rows = {}
         for split, src in sources.items():
             report = self.reports.setdefault(src.label, DataReport(source=src.label, unit=src.unit))

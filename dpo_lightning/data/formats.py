@@ -15,7 +15,9 @@ Formats by config name (``data.format=<name>``): see :data:`dpo_lightning.data.a
 
 from __future__ import annotations
 
+import copy
 import string
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dpo_lightning.data.tokenize import tokenize_text_batch
@@ -95,6 +97,17 @@ class RowFormat:
         self.system_separator = system_separator
         self.prompt_template = prompt_template
 
+    def configured(
+        self, columns: dict[str, str] | None = None, system_prompt: str | None = None
+    ) -> RowFormat:
+        """A copy with ``columns`` merged over this format's mapping and, when given, another
+        system prompt (``data.columns`` / ``data.system_prompt``); this object is left as it is."""
+        out = copy.copy(self)
+        out.columns = {**self.columns, **(columns or {})}
+        if system_prompt is not None:
+            out.system_prompt = system_prompt
+        return out
+
     def col(self, key: str) -> str | None:
         return self.columns.get(key, key)
 
@@ -107,17 +120,30 @@ class RowFormat:
             return check_text(row[col], col)
         return self.system_prompt
 
-    def text_prompt(self, row: dict[str, Any]) -> str:
-        """The prompt string: template or column, with the system prompt in front."""
-        if self.prompt_template is not None:
-            prompt = render_template(self.prompt_template, row)
-        else:
-            prompt = require_text(row, self.col("prompt"))
+    def with_system_text(self, prompt: str, row: dict[str, Any]) -> str:
+        """``prompt`` with the row's (or the format's) system prompt in front, for text formats."""
         system = self.system_for(row)
         return prompt if system is None else f"{system}{self.system_separator}{prompt}"
 
-    # Text rows are tokenised prompt / completions separately (see data.tokenize).
-    tokenize_batch = staticmethod(tokenize_text_batch)
+    def with_system_message(self, prompt: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Messages with a leading ``system`` turn from the system prompt (none when the
+        conversation already opens with one)."""
+        system = self.system_for(row)
+        if system is None or prompt[0]["role"] == "system":
+            return prompt
+        return [{"role": "system", "content": system}, *prompt]
+
+    def text_prompt(self, row: dict[str, Any]) -> str:
+        """The prompt string: template or column, with the system prompt in front."""
+        if self.prompt_template is not None:
+            return self.with_system_text(render_template(self.prompt_template, row), row)
+        return self.with_system_text(require_text(row, self.col("prompt")), row)
+
+    @property
+    def tokenize_batch(self) -> Callable[..., dict[str, list]]:
+        """The ``datasets.map`` function for this format's rows (text: prompt and completions
+        tokenised separately, see :mod:`dpo_lightning.data.tokenize`)."""
+        return tokenize_text_batch
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({vars(self)})"
@@ -136,6 +162,16 @@ class StandardFormat(RowFormat):
         return {"prompt": prompt, "completions": [chosen, rejected], "pairs": [[0, 1]]}
 
 
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """Length of the longest common prefix of two sequences (strings or lists)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def shared_prefix_cut(a: str, b: str, marker: str | None) -> int:
     """Where the prompt of two transcripts ends.
 
@@ -143,11 +179,7 @@ def shared_prefix_cut(a: str, b: str, marker: str | None) -> int:
     longest common prefix. Otherwise, or when the marker is absent: the longest common prefix,
     backed off to the last whitespace so no word is split between prompt and completion.
     """
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
+    n = common_prefix(a, b)
     if marker:
         at = a.rfind(marker, 0, n)
         if at >= 0 and at + len(marker) <= n:
@@ -184,7 +216,18 @@ class ImplicitPromptFormat(RowFormat):
         completions = [chosen[cut:], rejected[cut:]]
         if not all(c.strip() for c in completions):
             raise InvalidRow("empty_completion")
-        system = self.system_for(row)
-        if system is not None:
-            prompt = f"{system}{self.system_separator}{prompt}"
-        return {"prompt": prompt, "completions": completions, "pairs": [[0, 1]]}
+        return {"prompt": self.with_system_text(prompt, row), "completions": completions, "pairs": [[0, 1]]}
+
+
+class TextFormat(RowFormat):
+    """Plain text rows ``{text}`` for language-model fine-tuning (``data=text``): an empty prompt
+    (the tokenizer adds BOS where the model uses one), the text as the single completion, no pairs.
+
+    Args:
+        columns: ``{"text": your column}`` when the text column has another name.
+    """
+
+    fields = ("text",)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"prompt": "", "completions": [require_text(row, self.col("text"))], "pairs": []}

@@ -29,6 +29,7 @@ from dpo_lightning.data.formats import (
     require_text,
     require_value,
 )
+from dpo_lightning.data.tokenize import tokenize_text_batch
 
 Pairs = list[tuple[int, int]]
 
@@ -99,13 +100,17 @@ class RankedFormat(RowFormat):
     ) -> None:
         super().__init__(**kwargs)
         self.chat = chat
-        self.tokenize_batch = tokenize_chat_batch if chat else self.tokenize_batch
         if mode not in PAIR_MODES:
             raise ValueError(f"data.format.mode must be one of {sorted(PAIR_MODES)}, got {mode!r}")
         self.mode, self.text_key, self.score_key = mode, text_key, score_key
         self.choice_column = choice_column
         self.completion_columns, self.score_columns = completion_columns, score_columns
         self.higher_is_better, self.seed = higher_is_better, seed
+
+    @property
+    def tokenize_batch(self) -> Callable[..., dict[str, list]]:
+        """Chat rows through the chat template, text rows as plain text."""
+        return tokenize_chat_batch if self.chat else tokenize_text_batch
 
     def texts_and_scores(self, row: dict[str, Any]) -> tuple[list[str], list[Any]]:
         if self.completion_columns:
@@ -142,10 +147,7 @@ class RankedFormat(RowFormat):
         else:
             col = self.col("prompt")
             prompt = as_turns(require_value(row, col), col, "user", ROLES)
-        system = self.system_for(row)
-        if system is not None and prompt[0]["role"] != "system":
-            prompt = [{"role": "system", "content": system}, *prompt]
-        return prompt
+        return self.with_system_message(prompt, row)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         prompt = self.chat_prompt(row) if self.chat else self.text_prompt(row)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from dpo_lightning.run.errors import UserError
 
-class InvalidDataError(ValueError):
+
+class InvalidDataError(UserError, ValueError):
     """Raised (under ``on_invalid=error``) with one line per kind of fault."""
 
 

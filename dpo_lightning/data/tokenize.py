@@ -68,12 +68,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return dedup_bos(tokenizer(text, add_special_tokens=True)["input_ids"], tokenizer.bos_token_id)
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, add_eos: bool = True) -> list[int]:
-    """Completion ids: no special tokens, exactly one trailing EOS (unless ``add_eos`` is off)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return with_eos(ids, tokenizer.eos_token_id) if add_eos else ids
-
-
 def truncate(
     prompt: list[int],
     completions: list[list[int]],
@@ -100,22 +94,6 @@ def truncate(
     out.completion_ids = [c[:room] for c in completions]
     out.truncated_completion = any(len(c) > room for c in completions)
     return out
-
-
-def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    completions: list[str],
-    max_length: int,
-    max_prompt_length: int | None = None,
-    truncation_mode: str = "keep_end",
-    add_eos: bool = True,
-) -> TokenizedExample:
-    """Tokenise and truncate one example (prompt string, K completion strings)."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    completion_ids = [encode_completion(tokenizer, c, add_eos) for c in completions]
-    has_bos = bool(prompt_ids) and prompt_ids[0] == tokenizer.bos_token_id
-    return truncate(prompt_ids, completion_ids, max_length, max_prompt_length, truncation_mode, has_bos)
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,15 @@ Every loss takes per-*pair* summed log-probs ``policy_chosen_logps, policy_rejec
 reference_chosen_logps, reference_rejected_logps`` (P,) plus the keyword arguments
 ``chosen_lengths``/``rejected_lengths`` (P,) and returns ``(losses, chosen_rewards,
 rejected_rewards)``, each (P,). The training loop reduces and logs; it never checks a loss by
-name, it reads :attr:`PreferenceLoss.is_reference_free`.
+name, it reads :attr:`PreferenceLoss.is_reference_free`. Pure torch: imports no Lightning and
+nothing else of the package.
+
+Files by family: ``base`` (index-API functions, base classes, helpers), ``margin`` (DPO and the
+losses that reshape its margin Δ), ``logratio`` (losses on the chosen and rejected log-ratios
+separately, or on batch-sorted margins), ``reference_free``, ``mix``.
 
 ==================  =========================  ==================================
-config name         class                      TRL equivalent
+config name         class                      TRL 1.16 equivalent
 ==================  =========================  ==================================
 dpo                 DPOLoss                    sigmoid
 cdpo                ConservativeDPOLoss        sigmoid + label_smoothing
@@ -39,7 +44,6 @@ from dpo_lightning.losses.base import (
     ReferenceLoss,
     dpo_loss,
     implicit_rewards,
-    pair_logps,
     reward_model_loss,
 )
 from dpo_lightning.losses.logratio import (
@@ -51,9 +55,7 @@ from dpo_lightning.losses.logratio import (
     NCAPairLoss,
     SPPOHardLoss,
 )
-from dpo_lightning.losses.mix import MixLoss
-from dpo_lightning.losses.reference_free import ORPOLoss, SFTLoss, SimPOLoss
-from dpo_lightning.losses.sigmoid import (
+from dpo_lightning.losses.margin import (
     ConservativeDPOLoss,
     DiscoPOPLoss,
     DPOLoss,
@@ -64,6 +66,8 @@ from dpo_lightning.losses.sigmoid import (
     RPOLoss,
     SigmoidNormLoss,
 )
+from dpo_lightning.losses.mix import MixLoss
+from dpo_lightning.losses.reference_free import ORPOLoss, SFTLoss, SimPOLoss
 
 __all__ = [
     "AOTLoss",
@@ -92,6 +96,5 @@ __all__ = [
     "SimPOLoss",
     "dpo_loss",
     "implicit_rewards",
-    "pair_logps",
     "reward_model_loss",
 ]

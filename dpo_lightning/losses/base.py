@@ -106,11 +106,19 @@ class PairLogps:
         """DPO's margin ``(πc − πr) − (rc − rr)``, which sigmoid-family losses scale by β: (P,)."""
         return self.chosen_logratios - self.rejected_logratios
 
+    @property
+    def normalized_logits(self) -> Tensor:
+        """The length-normalised margin ``(πc − rc)/|yw| − (πr − rr)/|yl|`` (IPO, sigmoid_norm):
+        (P,); needs both completion lengths."""
+        return per_token(self.chosen_logratios, self.chosen_lengths) - per_token(
+            self.rejected_logratios, self.rejected_lengths
+        )
+
 
 class ReferenceLoss(PreferenceLoss):
     """Base of the losses on log-ratios to a reference: subclasses write :meth:`pair_losses`.
 
-    Rewards are DPO's implicit ``β (log πθ − log πref)`` (detached), as in TRL for every such loss.
+    Rewards are DPO's implicit ``β (log πθ − log πref)`` (detached), as in TRL 1.16 for every such loss.
 
     Args:
         beta: β (each subclass's docstring says what it scales).
@@ -194,29 +202,11 @@ def implicit_rewards(
     return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def pair_logps(logps: Tensor, chosen_idx: Tensor, rejected_idx: Tensor) -> tuple[Tensor, Tensor]:
-    """Gather per-pair (chosen, rejected) values from per-completion values: (B,) -> (P,), (P,)."""
-    return logps[chosen_idx], logps[rejected_idx]
-
-
-def logratios(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    reference_chosen_logps: Tensor,
-    reference_rejected_logps: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Per-pair ``log πθ(y|x) − log πref(y|x)`` for chosen and rejected: (P,), (P,)."""
-    return (
-        policy_chosen_logps - reference_chosen_logps,
-        policy_rejected_logps - reference_rejected_logps,
-    )
-
-
 def batch_token_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
     """Per-pair NLL whose mean over pairs is the token-mean NLL of the chosen completions.
 
     ``-log π(yw_i) / mean_j |yw_j|``: averaging this over the P pairs gives
-    ``-Σ log π(yw) / Σ |yw|``, the cross-entropy TRL's ``nll_loss`` (RPO, ORPO, SFT) computes over a
+    ``-Σ log π(yw) / Σ |yw|``, the cross-entropy TRL 1.16's ``nll_loss`` (RPO, ORPO, SFT) computes over a
     batch. Shapes (P,), (P,) -> (P,).
     """
     return -chosen_logps / chosen_lengths.float().mean().clamp(min=1.0)

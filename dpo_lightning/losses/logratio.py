@@ -2,7 +2,7 @@
 (or on batch-sorted margins), rather than on DPO's single margin ``Δ = a − b``.
 
 All inputs are per-pair summed log-probs (P,); every loss returns (P,) losses and rewards
-``β a``, ``β b``. Formulas match TRL's ``DPOTrainer.dpo_loss`` for the loss type named.
+``β a``, ``β b``. Formulas match TRL 1.16's ``DPOTrainer.dpo_loss`` for the loss type named.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dpo_lightning.losses.base import PairLogps, ReferenceLoss, smoothed_sigmoid
 
 
 class NCAPairLoss(ReferenceLoss):
-    """NCA, pairwise (Chen et al. 2024, https://arxiv.org/abs/2402.05369, Eq. 10). TRL ``nca_pair``.
+    """NCA, pairwise (Chen et al. 2024, https://arxiv.org/abs/2402.05369, Eq. 10). TRL 1.16 ``nca_pair``.
 
     With ``c = β a``, ``r = β b``: ``L = −log σ(c) − ½ log σ(−c) − ½ log σ(−r)``; optimises
     absolute likelihoods, so the chosen log-prob is pushed up rather than only the margin.
@@ -27,7 +27,7 @@ class NCAPairLoss(ReferenceLoss):
 
 
 class BCOPairLoss(ReferenceLoss):
-    """BCO, pairwise (Jung et al. 2024, https://arxiv.org/abs/2404.04656, Eq. 11). TRL ``bco_pair``.
+    """BCO, pairwise (Jung et al. 2024, https://arxiv.org/abs/2404.04656, Eq. 11). TRL 1.16 ``bco_pair``.
 
     A binary classifier of chosen vs rejected rewards with a shift δ:
     ``L = −log σ(β a − δ) − log σ(−(β b − δ))``, where δ is the running mean, over the training
@@ -52,7 +52,7 @@ class BCOPairLoss(ReferenceLoss):
 
 class SPPOHardLoss(ReferenceLoss):
     """SPPO with hard labels (Wu et al. 2024, https://arxiv.org/abs/2405.00675, Eq. 4.7 with
-    P(yw ≻ yl) = 1). TRL ``sppo_hard``.
+    P(yw ≻ yl) = 1). TRL 1.16 ``sppo_hard``.
 
     ``L = (a − 1/(2β))² + (b + 1/(2β))²``: regresses each log-ratio to ±1/(2β).
     """
@@ -63,7 +63,7 @@ class SPPOHardLoss(ReferenceLoss):
 
 
 class AOTLoss(ReferenceLoss):
-    """AOT, paired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). TRL ``aot``.
+    """AOT, paired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). TRL 1.16 ``aot``.
 
     Distributional alignment by 1-D optimal transport: sort the batch's policy margins ``πc − πr``
     and reference margins ``rc − rr`` separately, then
@@ -82,7 +82,7 @@ class AOTLoss(ReferenceLoss):
 
 
 class AOTUnpairedLoss(AOTLoss):
-    """AOT, unpaired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). TRL ``aot_unpaired``
+    """AOT, unpaired (Melnyk et al. 2024, https://arxiv.org/abs/2406.05882). TRL 1.16 ``aot_unpaired``
     (``aot_pair`` in older releases).
 
     Sorts chosen and rejected log-ratios independently:
@@ -98,7 +98,7 @@ class AOTUnpairedLoss(AOTLoss):
 
 class APOZeroLoss(ReferenceLoss):
     """APO-zero (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 7).
-    TRL ``apo_zero``.
+    TRL 1.16 ``apo_zero``.
 
     ``L = (1 − σ(β a)) + σ(β b)``: raise the chosen likelihood, lower the rejected one; for chosen
     completions better than the model's own outputs.
@@ -114,7 +114,7 @@ class APOZeroLoss(ReferenceLoss):
 
 class APODownLoss(ReferenceLoss):
     """APO-down (D'Oosterlinck et al. 2024, https://arxiv.org/abs/2408.06266, Eq. 8).
-    TRL ``apo_down``.
+    TRL 1.16 ``apo_down``.
 
     ``L = σ(β a) + (1 − σ(β (a − b)))``: lower both likelihoods, the rejected one more; for chosen
     completions worse than the model's own outputs.

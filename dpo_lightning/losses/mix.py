@@ -12,7 +12,7 @@ from dpo_lightning.losses.base import PreferenceLoss
 class MixLoss(PreferenceLoss):
     """``L = Σ_k w_k L_k``, per pair, over any losses of this package.
 
-    TRL's equivalent is a list ``loss_type`` with ``loss_weights``.
+    TRL 1.16's equivalent is a list ``loss_type`` with ``loss_weights``.
 
     Reference-free only when every component is. The rewards (for the metrics) are those of the
     first component.

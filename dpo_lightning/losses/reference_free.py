@@ -23,14 +23,14 @@ from dpo_lightning.losses.base import (
 
 class SimPOLoss(ReferenceFreeLoss):
     """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6).
-    TRL ``CPOTrainer`` with ``loss_type="simpo"``.
+    TRL 1.16 ``CPOTrainer`` with ``loss_type="simpo"``.
 
-    ``L = −log σ(β πc/|yw| − β πr/|yl| − γ)`` (label-smoothed with ε as in TRL); rewards are the
+    ``L = −log σ(β πc/|yw| − β πr/|yl| − γ)`` (label-smoothed with ε as in TRL 1.16); rewards are the
     length-normalised ``β π/|y|``.
 
     Args:
         beta: β, the reward scale (paper: 2.0–2.5).
-        gamma: γ, the target reward margin (TRL's ``simpo_gamma``, default 0.5).
+        gamma: γ, the target reward margin (TRL 1.16's ``simpo_gamma``, default 0.5).
         label_smoothing: ε.
     """
 
@@ -50,16 +50,16 @@ class SimPOLoss(ReferenceFreeLoss):
 
 
 class ORPOLoss(ReferenceFreeLoss):
-    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eq. 6–7). TRL ``ORPOTrainer``.
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eq. 6–7). TRL 1.16 ``ORPOTrainer``.
 
     With per-token log-probs ``c = πc/|yw|``, ``r = πr/|yl|`` and odds ``odds(p) = p/(1 − p)``:
     ``L = NLL(yw) − λ log σ(log odds(e^c) − log odds(e^r))``,
     ``log odds(e^c) − log odds(e^r) = (c − r) − (log(1 − e^c) − log(1 − e^r))``. The NLL term
-    averages to the token-mean cross-entropy over the batch's chosen completions (TRL's
+    averages to the token-mean cross-entropy over the batch's chosen completions (TRL 1.16's
     ``policy_nll_loss``). Rewards are ``λ c``, ``λ r``.
 
     Args:
-        beta: λ, the odds-ratio weight (TRL's ``beta``; paper: 0.1).
+        beta: λ, the odds-ratio weight (TRL 1.16's ``beta``; paper: 0.1).
     """
 
     def __init__(self, beta: float = 0.1) -> None:
@@ -79,7 +79,7 @@ class ORPOLoss(ReferenceFreeLoss):
 
 
 class SFTLoss(ReferenceFreeLoss):
-    """Supervised fine-tuning on the chosen completions: NLL of yw (TRL ``sft`` loss type).
+    """Supervised fine-tuning on the chosen completions: NLL of yw (TRL 1.16 ``sft`` loss type).
 
     ``L_i = −πc_i / mean_j |yw_j|``, whose mean over the batch is the token-mean cross-entropy
     ``−Σ πc / Σ |yw|``. The rejected completion is ignored. Rewards (for the metrics only) are the

@@ -7,32 +7,34 @@ DPO's reference. Memory holds the base model once plus the small adapter, and no
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from dpo_lightning.logps import CompletionStats
+from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
 from dpo_lightning.reference.base import ReferenceStrategy
 
 
 class AdapterReference(ReferenceStrategy):
     """Reference log-probs from the policy's base weights (adapter disabled), in eval mode."""
 
-    def build(self, module: nn.Module) -> None:
-        if not hasattr(module.policy, "disable_adapter"):
+    def build(self, policy: nn.Module) -> None:
+        if not hasattr(policy, "disable_adapter"):
             raise ValueError(
                 "reference=adapter needs a LoRA policy: set model.lora (e.g. experiment=lora, or "
                 "model.lora='{r: 8, alpha: 16}')"
             )
 
+    def forward_params(self, policy: nn.Module) -> int:
+        return sum(p.numel() for p in policy.parameters())  # the policy, adapter off
+
     @torch.no_grad()
-    def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats:
-        policy = module.policy
+    def completion_logps(
+        self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
+    ) -> CompletionStats:
         was_training = policy.training
         policy.eval()  # the reference never sees dropout, the adapter's included
         try:
             with policy.disable_adapter():
-                return module.engine(policy, batch)
+                return engine(policy, batch)
         finally:
             policy.train(was_training)

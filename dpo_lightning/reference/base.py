@@ -1,9 +1,19 @@
-"""Where reference log-probs come from: the interface, a frozen copy, and none.
+"""Where reference log-probs come from: the interface, a frozen copy, none, and ``auto``.
 
-A strategy is attached once to the module (``attach``), may prepare itself once the trainer and
-data exist (``prepare``, from ``DPOModule.setup``), may add Lightning callbacks (``callbacks``), and
-answers ``completion_logps(module, batch)`` with per-completion statistics. The module never checks
-which strategy it has, and the strategy checks the loss only through ``is_reference_free``.
+A strategy is an ``nn.Module`` the DPO stage holds as ``reference``: a model it builds is its own
+submodule (``reference.model``), so it moves with the stage to the device, is sharded with the
+policy under FSDP2 and, when it is state, is checkpointed. Everything else a strategy needs it
+receives as arguments:
+
+* :meth:`ReferenceStrategy.for_loss` (stage construction): checks the pairing with the loss and
+  returns the strategy to use (``auto`` picks one);
+* :meth:`ReferenceStrategy.build` (stage construction): builds what it holds from the policy;
+* :meth:`ReferenceStrategy.prepare` (``setup``): the trainer, its data and ranks exist;
+* :meth:`ReferenceStrategy.completion_logps` (every step): reference statistics of a batch;
+* :meth:`ReferenceStrategy.callbacks`: Lightning callbacks it needs.
+
+The stage never checks which strategy it has, and a strategy reads the loss only through
+``is_reference_free``.
 """
 
 from __future__ import annotations
@@ -15,39 +25,55 @@ import lightning as L
 import torch
 from torch import nn
 
-from dpo_lightning.logps import CompletionStats
+from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
 
 
-class ReferenceStrategy:
-    """Interface: ``attach`` at module construction, ``prepare`` at setup, then per batch
-    ``completion_logps``."""
+class ReferenceStrategy(nn.Module):
+    """Interface (see the module docstring). Always in eval mode: a reference never sees dropout.
 
-    #: Prefix of state-dict keys that must never be written to a checkpoint (frozen weights that
-    #: are rebuilt from their source), or None.
-    frozen_prefix: str | None = None
+    Attributes:
+        model: the frozen model this strategy owns, or None (no reference, a cache, the policy
+            itself with its adapter off).
+    """
 
     #: Whether this strategy gives reference log-probs (False only for ``reference=none``).
     provides_logps: bool = True
+    #: True when :attr:`model` is rebuilt from its source at every start (a frozen copy): then it
+    #: is left out of checkpoints, which hold one copy of the weights.
+    rebuilt_on_start: bool = False
 
-    def attach(self, module: nn.Module) -> None:
-        """Called once by the module, after its policy and loss exist: checks the pairing with the
-        loss, then builds what the strategy needs (:meth:`build`)."""
-        check_pairing(module.loss_fn, self)
-        self.build(module)
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: nn.Module | None = None
 
-    def build(self, module: nn.Module) -> None:
-        """Attach what the strategy needs to ``module`` (a frozen copy, ...)."""
+    def for_loss(self, loss: nn.Module) -> ReferenceStrategy:
+        """The strategy to use with ``loss``: this one, once the pairing is checked."""
+        check_pairing(loss, self)
+        return self
 
-    def prepare(self, module: nn.Module, trainer: L.Trainer) -> None:
-        """Called from ``DPOModule.setup``: the trainer, its datamodule and ranks exist."""
+    def build(self, policy: nn.Module) -> None:
+        """Build what the strategy holds from the initial policy (a frozen copy, ...)."""
+
+    def prepare(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
+        """Called from the stage's ``setup``: the trainer, its datamodule and ranks exist."""
 
     def callbacks(self) -> list[L.Callback]:
-        """Lightning callbacks this strategy needs (added by ``DPOModule.configure_callbacks``)."""
+        """Lightning callbacks this strategy needs (added by the stage's ``configure_callbacks``)."""
         return []
 
-    def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats | None:
-        """Reference statistics of every completion row of ``batch``: (B,) tensors."""
+    def forward_params(self, policy: nn.Module) -> int:
+        """Parameters one reference forward reads per token (0: no forward; for FLOP counts)."""
+        return 0 if self.model is None else sum(p.numel() for p in self.model.parameters())
+
+    def completion_logps(
+        self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
+    ) -> CompletionStats | None:
+        """Reference statistics of every completion of ``batch``: (B,) tensors."""
         raise NotImplementedError
+
+    def train(self, mode: bool = True) -> ReferenceStrategy:
+        # Lightning calls .train() on the whole stage each epoch: the reference stays in eval.
+        return super().train(False)
 
 
 def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
@@ -71,30 +97,26 @@ def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
         )
 
 
-def auto_reference(loss: Any) -> ReferenceStrategy:
-    """The default (``reference=auto``): a frozen copy for a reference-based loss, no reference
-    for a reference-free one — read from the loss's ``is_reference_free``, never its name."""
-    return NoReference() if getattr(loss, "is_reference_free", False) else CopyReference()
-
-
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with no gradients (not trained, no dropout)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 class CopyReference(ReferenceStrategy):
-    """A frozen copy of the initial policy (the paper's πref = πSFT): eval mode, no grads,
-    not in the optimizer, not in checkpoints (``frozen_prefix``)."""
+    """A frozen copy of the initial policy (the paper's πref = πSFT): eval mode, no grads, not in
+    the optimizer, not in checkpoints (rebuilt from the policy's source at every start)."""
 
-    frozen_prefix = "reference_model."
+    rebuilt_on_start = True
 
-    def build(self, module: nn.Module) -> None:
-        module.reference_model = frozen_copy(module.policy)
+    def build(self, policy: nn.Module) -> None:
+        self.model = frozen_copy(policy)
 
     @torch.no_grad()
-    def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats:
-        # The module's engine: the reference reads the same (possibly packed) batch layout.
-        return module.engine(module.reference_model, batch)
+    def completion_logps(
+        self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
+    ) -> CompletionStats:
+        # The stage's engine: the reference reads the same (possibly packed) batch layout.
+        return engine(self.model, batch)
 
 
 class NoReference(ReferenceStrategy):
@@ -102,5 +124,15 @@ class NoReference(ReferenceStrategy):
 
     provides_logps = False
 
-    def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> None:
+    def completion_logps(self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine) -> None:
         return None
+
+
+class AutoReference(ReferenceStrategy):
+    """The default (``reference=auto``): :meth:`for_loss` gives a frozen copy for a
+    reference-based loss and no reference for a reference-free one — read from the loss's
+    ``is_reference_free``, never its name. Never used as a strategy itself."""
+
+    def for_loss(self, loss: nn.Module) -> ReferenceStrategy:
+        chosen = NoReference() if getattr(loss, "is_reference_free", False) else CopyReference()
+        return chosen.for_loss(loss)

@@ -7,16 +7,18 @@ ids and which of them are labels) to its summed reference log-prob, so it serves
 validation, pairs and K-wise rankings, any batch size and shuffling alike.
 
 The cache file is named by a hash of (model fingerprint, tokenizer fingerprint, data fingerprint,
-tokenization settings, precision): a second run — or another job of a sweep — with the same
-four loads it and calls the model zero times. Under DDP every rank computes a disjoint shard of
+the DataModule's length limits, precision): a second run — or another job of a sweep — with the
+same five loads it and calls the model zero times. Under DDP every rank computes a disjoint shard of
 the batches once, rank 0 merges the shards into the cache file, and all ranks load it.
+
+Supports / assumptions: the padded engine (the table is keyed by padded completion rows); the
+pass runs before the first step with the policy as given (unsharded under FSDP2).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dpo_lightning.logps import IGNORE_INDEX, CompletionStats, concatenated_forward
+from dpo_lightning.data.cache import tokenizer_fingerprint
+from dpo_lightning.data.collate import IGNORE_INDEX
+from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
+from dpo_lightning.engine.logps import concatenated_forward
 from dpo_lightning.reference.base import ReferenceStrategy
+from dpo_lightning.run.files import atomic_torch_save
 
 DEFAULT_CACHE = Path("~/.cache/dpo_lightning/reference_logps")
-# Datamodule attributes that change the tokens (also covered by the data fingerprint; listed so a
-# cache file's key says what it was made with).
-TOKENIZATION_KEYS = (
-    "max_length",
-    "max_prompt_length",
-    "truncation_mode",
-    "add_eos",
-    "chat_template",
-)
 
 
 def row_keys(input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> list[int]:
@@ -71,20 +68,6 @@ def model_fingerprint(model: nn.Module, samples: int = 4096) -> str:
     return h.hexdigest()
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of the tokenizer class, vocabulary, special tokens and chat template."""
-    if tokenizer is None:
-        return "none"
-    state = {
-        "class": type(tokenizer).__name__,
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "padding_side": getattr(tokenizer, "padding_side", None),
-    }
-    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def data_fingerprint(datamodule: L.LightningDataModule) -> str:
     """The ``datasets`` fingerprints of the tokenized splits when available (they hash the source
     data and every transform), else a hash of every row key of the train and val loaders."""
@@ -111,18 +94,19 @@ class PrecomputedReference(ReferenceStrategy):
     """
 
     def __init__(self, cache_dir: str | None = None) -> None:
+        super().__init__()
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()
         self.table: dict[int, float] | None = None
         self.cache_path: Path | None = None
         self.forward_calls = 0  # model calls made by the pass (0 on a cache hit)
 
-    def prepare(self, module: nn.Module, trainer: L.Trainer) -> None:
+    def prepare(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
         if self.table is not None:
             return
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("reference=precomputed needs trainer.fit(..., datamodule=...)")
-        if not getattr(module.engine, "row_per_completion", True):
+        if not engine.row_per_completion:
             raise ValueError(
                 "reference=precomputed keys its cache by padded completion rows: use it with "
                 "engine=padded (the packed engine fuses the reference forward instead)"
@@ -131,11 +115,11 @@ class PrecomputedReference(ReferenceStrategy):
         # the same batches in the same order as with reference=copy.
         device = trainer.strategy.root_device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            key = self.cache_key(module, trainer, datamodule)
+            key = self.cache_key(policy, trainer, datamodule)
             self.cache_path = self.cache_dir / f"{key}.pt"
             hit = self.cache_path.exists()
             if not hit:
-                self._compute_shard(module, trainer, datamodule, key)
+                self._compute_shard(policy, trainer, datamodule, key)
                 trainer.strategy.barrier("reference_logps_shards")
                 if trainer.is_global_zero:
                     self._merge_shards(key, trainer.world_size)
@@ -147,20 +131,21 @@ class PrecomputedReference(ReferenceStrategy):
             f"[dpo_lightning] reference log-probs {verb}: {len(self.table)} rows, {self.cache_path}"
         )
 
-    def cache_key(self, module: nn.Module, trainer: L.Trainer, datamodule: Any) -> str:
+    def cache_key(self, policy: nn.Module, trainer: L.Trainer, datamodule: Any) -> str:
+        tokenizer = getattr(datamodule, "tokenizer", None)
         parts = {
-            "model": model_fingerprint(module.policy),
-            "tokenizer": tokenizer_fingerprint(getattr(datamodule, "tokenizer", None)),
+            "model": model_fingerprint(policy),
+            "tokenizer": "none" if tokenizer is None else tokenizer_fingerprint(tokenizer),
             "data": data_fingerprint(datamodule),
-            "tokenization": {k: _plain(getattr(datamodule, k, None)) for k in TOKENIZATION_KEYS},
+            # What changes the tokens besides data and tokenizer: the length limits and policy.
+            "limits": repr(getattr(datamodule, "limits", None)),
             "precision": str(trainer.precision),
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     @torch.no_grad()
-    def _compute_shard(self, module: nn.Module, trainer: L.Trainer, datamodule: Any, key: str) -> None:
+    def _compute_shard(self, policy: nn.Module, trainer: L.Trainer, datamodule: Any, key: str) -> None:
         rank, world = trainer.global_rank, trainer.world_size
-        policy = module.policy
         was_training = policy.training
         device = trainer.strategy.root_device
         policy.to(device).eval()
@@ -192,7 +177,7 @@ class PrecomputedReference(ReferenceStrategy):
             "keys": torch.tensor(keys, dtype=torch.long),
             "logps": torch.cat(logps) if logps else torch.zeros(0),
         }
-        _atomic_save(shard, self._shard_path(key, rank, world))
+        atomic_torch_save(shard, self._shard_path(key, rank, world))
 
     def _shard_path(self, key: str, rank: int, world: int) -> Path:
         return self.cache_dir / f"{key}.shard{rank}-of-{world}.pt"
@@ -201,14 +186,17 @@ class PrecomputedReference(ReferenceStrategy):
         paths = [self._shard_path(key, r, world) for r in range(world)]
         shards = [torch.load(p, map_location="cpu", weights_only=True) for p in paths]
         merged = {k: torch.cat([s[k] for s in shards]) for k in ("keys", "logps")}
-        _atomic_save(merged, self.cache_path)
+        atomic_torch_save(merged, self.cache_path)
         for p in paths:
             p.unlink()
 
-    def completion_logps(self, module: nn.Module, batch: dict[str, Any]) -> CompletionStats:
+    def completion_logps(
+        self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
+    ) -> CompletionStats:
         if self.table is None:
             raise RuntimeError("reference=precomputed: the table is built in DPOModule.setup (fit/validate)")
-        keys = row_keys(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        data = batch.data
+        keys = row_keys(data["input_ids"], data["attention_mask"], data["labels"])
         try:
             values = [self.table[k] for k in keys]
         except KeyError:
@@ -216,19 +204,6 @@ class PrecomputedReference(ReferenceStrategy):
                 f"a batch row is not in the reference cache {self.cache_path}: the data changed "
                 "after the pass; delete that file or use reference=copy"
             ) from None
-        logps = torch.tensor(values, device=batch["input_ids"].device)
-        lengths = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
+        logps = torch.tensor(values, device=data["input_ids"].device)
+        lengths = (data["labels"][:, 1:] != IGNORE_INDEX).sum(-1).float()
         return CompletionStats(logps=logps, lengths=lengths, mean_logits=torch.zeros_like(logps))
-
-
-def _plain(value: Any) -> Any:
-    """JSON-stable form of a setting: primitives as they are, anything else by its type name
-    (an object's default repr holds a memory address, which would change the key every run)."""
-    return value if isinstance(value, str | int | float | bool | None) else type(value).__name__
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary name, then rename: readers never see a half-written file."""
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -2,7 +2,7 @@
 
 Every ``sync_steps`` optimizer steps the frozen copy is moved toward the policy,
 ``θref ← α θ + (1 − α) θref`` (soft update, α < 1) or replaced by it (hard update, α = 1).
-TRL's equivalent: ``sync_ref_model=True``, ``ref_model_mixup_alpha``, ``ref_model_sync_steps``.
+TRL 1.16's equivalent: ``sync_ref_model=True``, ``ref_model_mixup_alpha``, ``ref_model_sync_steps``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ class SyncReference(CopyReference):
     Unlike ``copy``, the reference changes during training, so it is kept in checkpoints.
 
     Args:
-        alpha: α in (0, 1]: weight of the policy in the update (1 = hard update; TRL default 0.6).
-        sync_steps: N, optimizer steps between updates (TR-DPO τ; TRL default 512).
+        alpha: α in (0, 1]: weight of the policy in the update (1 = hard update; TRL 1.16 default 0.6).
+        sync_steps: N, optimizer steps between updates (TR-DPO τ; TRL 1.16 default 512).
     """
 
-    frozen_prefix = None  # the reference is state: checkpoint it
+    rebuilt_on_start = False  # the reference is state: checkpoint it
 
     def __init__(self, alpha: float = 0.6, sync_steps: int = 512) -> None:
+        super().__init__()
         if not 0 < alpha <= 1:
             raise ValueError(f"reference.alpha must be in (0, 1], got {alpha}")
         if sync_steps < 1:
@@ -45,14 +46,18 @@ class SyncReference(CopyReference):
         self.alpha, self.sync_steps = alpha, sync_steps
 
     def callbacks(self) -> list[L.Callback]:
-        return [ReferenceSync(self.alpha, self.sync_steps)]
+        return [ReferenceSync(self)]
+
+    def sync(self, policy: nn.Module) -> None:
+        """One TR-DPO update of the reference toward ``policy``."""
+        soft_update(self.model, policy, self.alpha)
 
 
 class ReferenceSync(L.Callback):
-    """Applies :func:`soft_update` to ``pl_module.reference_model`` every ``sync_steps`` steps."""
+    """Calls :meth:`SyncReference.sync` with the stage's policy every ``sync_steps`` steps."""
 
-    def __init__(self, alpha: float, sync_steps: int) -> None:
-        self.alpha, self.sync_steps = alpha, sync_steps
+    def __init__(self, reference: SyncReference) -> None:
+        self.reference = reference
         self.last_synced = 0
 
     def on_train_batch_end(
@@ -64,8 +69,8 @@ class ReferenceSync(L.Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step  # optimizer steps: gradient accumulation is counted once
-        if step > self.last_synced and step % self.sync_steps == 0:
-            soft_update(pl_module.reference_model, pl_module.policy, self.alpha)
+        if step > self.last_synced and step % self.reference.sync_steps == 0:
+            self.reference.sync(pl_module.policy)
             self.last_synced = step
 
     def state_dict(self) -> dict[str, Any]:

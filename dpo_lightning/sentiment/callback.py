@@ -2,7 +2,8 @@
 
 Every ``every_n_validations`` validation runs it samples one completion for each of the first
 ``num_prompts`` distinct validation prompts, scores prompt + completion with a reward function
-and logs ``val/gen_reward`` and, when the module holds a frozen ``reference_model``,
+and logs ``val/gen_reward`` and, when the stage holds a frozen reference model
+(:attr:`~dpo_lightning.stages.base.PolicyModule.reference_model`),
 ``val/gen_kl`` (the samples' mean ``log π − log π_ref``, nats). Loggers with a ``log_table``
 method (W&B's ``WandbLogger``) also get a table (step, prompt, completion, reward, log_ratio).
 
@@ -56,12 +57,12 @@ class GenerationLogger(L.Callback):
         dm = trainer.datamodule
         prompt_ids = first_distinct(dm.val_set["prompt_ids"], self.num_prompts)
         prompts = [dm.tokenizer.decode(p, skip_special_tokens=True) for p in prompt_ids]
-        policy = pl_module.policy
+        policy, reference = pl_module.policy, pl_module.reference_model
         was_training = policy.training
         with torch.random.fork_rng(devices=[]):
             res = sample_and_score(
                 policy,
-                getattr(pl_module, "reference_model", None),
+                reference,
                 dm.tokenizer,
                 prompts,
                 prompt_ids,
@@ -72,7 +73,7 @@ class GenerationLogger(L.Callback):
             )
         policy.train(was_training)
         pl_module.log("val/gen_reward", res.reward, on_epoch=True, batch_size=len(prompts))
-        if getattr(pl_module, "reference_model", None) is not None:
+        if reference is not None:
             pl_module.log("val/gen_kl", res.kl, on_epoch=True, batch_size=len(prompts))
         rows = [
             [trainer.global_step, p, c[0], float(r), float(lr)]

@@ -34,7 +34,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.tokenizers import load_tokenizer, train_bpe_tokenizer
 from dpo_lightning.sentiment.corpus import review_prefixes
 from dpo_lightning.sentiment.evaluate import (
     best_of_n_kl,
@@ -45,7 +46,6 @@ from dpo_lightning.sentiment.evaluate import (
 from dpo_lightning.sentiment.frontier import plot_frontier, write_frontier_csv
 from dpo_lightning.sentiment.label import preference_dataset, preference_rows
 from dpo_lightning.sentiment.sampling import encode_prompts, sample_completions
-from dpo_lightning.tokenizer import load_tokenizer, train_bpe_tokenizer
 from dpo_lightning.train import CONF_DIR, train
 
 

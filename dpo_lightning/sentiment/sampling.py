@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.tokenize import encode_prompt
-from dpo_lightning.logps import concatenated_forward
+from dpo_lightning.engine.logps import concatenated_forward
 
 
 def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:

@@ -24,7 +24,6 @@ def apply_lora(
     bias: str = "none",
     use_rslora: bool = False,
     modules_to_save: list[str] | None = None,
-    merge_on_export: bool = False,
 ) -> nn.Module:
     """Wrap a causal LM in a LoRA ``PeftModel`` (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
 
@@ -37,7 +36,6 @@ def apply_lora(
         bias: ``none`` | ``all`` | ``lora_only``: which biases train.
         use_rslora: rank-stabilised scaling.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a head).
-        merge_on_export: read by :func:`save_policy`, unused here.
 
     The adapter's B matrix starts at zero, so the wrapped model computes exactly ``model``.
     """
@@ -58,10 +56,16 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+#: ``model.lora`` keys about the export, not the adapter (read by ``train.py``'s export).
+EXPORT_KEYS = ("merge_on_export",)
+
+
 def build_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
-    """``model`` wrapped by :func:`apply_lora` when ``model.lora`` is set, else ``model`` itself."""
+    """``model`` wrapped by :func:`apply_lora` when ``model.lora`` is set, else ``model`` itself
+    (``model.lora.merge_on_export`` is an export setting, see :func:`save_policy`)."""
     if not lora:
         return model
+    lora = {k: v for k, v in lora.items() if k not in EXPORT_KEYS}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # QLoRA: fp32 norms/head inputs and input grads through the frozen quantized base.
         from peft import prepare_model_for_kbit_training

@@ -36,18 +36,11 @@ def oom_message(err: BaseException) -> str:
     return f"out of GPU memory ({first[:160]}); lower memory with: " + "; ".join(MEMORY_KNOBS)
 
 
-def _invalid_data_error() -> type[Exception]:
-    from dpo_lightning.data.report import InvalidDataError
-
-    return InvalidDataError
-
-
-# Exception type -> message builder, for errors raised by libraries rather than by us.
+# Exception type -> message builder (ours, and errors raised by libraries rather than by us).
 def _known() -> dict[type[BaseException], Callable[[BaseException], str]]:
     return {
-        UserError: str,
+        UserError: str,  # InvalidDataError (data rows) is one too
         torch.OutOfMemoryError: oom_message,
-        _invalid_data_error(): str,
     }
 
 

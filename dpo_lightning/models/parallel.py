@@ -3,9 +3,9 @@
 Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` sets up the process
 group and a device mesh, then calls ``LightningModule.configure_model``; there
 :func:`apply_parallelism` calls ``torch.distributed.fsdp.fully_shard`` on every decoder layer and
-then on the whole model, for ``module.policy`` and ``module.reference_model`` alike
+then on the whole model, for the policy and every frozen model the stage holds alike
 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). The optimizer is built
-afterwards from the policy's (now DTensor) parameters only, so the reference is never in it.
+afterwards from the policy's (now DTensor) parameters only, so a reference is never in it.
 
     dpo-train trainer=fsdp trainer.devices=8                 # bf16 params, fp32 gradient reduce
     dpo-train trainer=fsdp_cpu                               # 2 CPU processes (gloo), CI
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dpo_lightning.models import DTYPES
+from dpo_lightning.models.loading import DTYPES
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -100,54 +99,50 @@ def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any]) -> None:
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 
-def apply_parallelism(module: L.LightningModule) -> None:
-    """``configure_model`` body: shard policy and reference under a ``ModelParallelStrategy``.
+def apply_parallelism(strategy: Any, policy: nn.Module, frozen: list[nn.Module]) -> bool:
+    """``configure_model`` body: shard ``policy`` and the ``frozen`` models under a
+    ``ModelParallelStrategy``; returns whether it sharded.
 
-    A no-op under every other strategy (DDP, DeepSpeed, single device) and when called again
-    (Lightning calls ``configure_model`` for every ``fit``/``validate``).
+    A no-op under every other strategy (DDP, DeepSpeed, single device, ``None``) and when called
+    again (Lightning calls ``configure_model`` for every ``fit``/``validate``).
     """
-    strategy = module.trainer.strategy if module._trainer is not None else None
-    if not isinstance(strategy, ModelParallelStrategy) or is_sharded(module.policy):
-        return
+    if not isinstance(strategy, ModelParallelStrategy) or is_sharded(policy):
+        return False
     settings = {
         "param_dtype": getattr(strategy, "param_dtype", None),
         "reduce_dtype": getattr(strategy, "reduce_dtype", None),
         "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
     }
     if getattr(strategy, "activation_checkpointing", False):
-        module.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mesh = module.device_mesh["data_parallel"]
-    shard_model(module.policy, mesh, settings)
-    reference = getattr(module, "reference_model", None)
-    if reference is not None:
-        shard_model(reference, mesh, settings)
-        # A sharded checkpoint is loaded key by key into the live module (DCP has no partial
-        # load through Lightning), so the frozen reference must be saved with it (sharded too).
-        module.reference.frozen_prefix = None
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mesh = strategy.device_mesh["data_parallel"]
+    for model in (policy, *frozen):
+        shard_model(model, mesh, settings)
+    return True
 
 
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_policy_state_dict(module: L.LightningModule) -> dict[str, torch.Tensor] | None:
-    """The policy's full state dict on CPU when it is sharded (else ``None``: use the model's).
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """``model``'s full state dict on CPU when it is sharded (else ``None``: use the model's).
 
     Collective: every rank must call it (each contributes its shards); only rank 0 gets the
     tensors, the others an empty dict.
     """
-    if is_zero3_partitioned(module.policy):
-        state = _gather_zero3(module.policy)
-    elif is_sharded(module.policy):
+    if is_zero3_partitioned(model):
+        state = _gather_zero3(model)
+    elif is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(module.policy, options=options)
+        state = get_model_state_dict(model, options=options)
     else:
         return None
     # The gather returns tied weights (embeddings = LM head) as separate tensors; keep the first
     # name of each parameter, as the model's own state dict / save_pretrained would.
-    return {k: v for k, v in state.items() if k not in tied_duplicates(module.policy)}
+    return {k: v for k, v in state.items() if k not in tied_duplicates(model)}
 
 
 def is_zero3_partitioned(model: nn.Module) -> bool:
@@ -178,9 +173,3 @@ def tied_duplicates(model: nn.Module) -> set[str]:
             dups.add(name)
         seen.add(id(param))
     return dups
-
-
-def sum_over_ranks(trainer: L.Trainer, *counts: int) -> list[int]:
-    """Per-rank counts summed over all ranks (collective; identity on one process)."""
-    total = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64), reduce_op="sum")
-    return [round(v) for v in total.tolist()]

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo_lightning.data.collate import flat_pairs, pair_tensors
+
 
 @dataclass
 class PackedCollator:
@@ -53,15 +55,9 @@ class PackedCollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         row = _Row()
-        chosen, rejected, pair_rows = [], [], []
         for ex in examples:
-            base = row.num_completions
             completions = [list(c) for c in ex["completion_ids"]]
             row.add_example(list(ex["prompt_ids"]), completions, self.prefix_sharing)
-            for w, lose in ex["pairs"]:
-                chosen.append(base + w)
-                rejected.append(base + lose)
-                pair_rows.append(ex.get("row_id", -1))
         real = len(row.ids)
         if self.pad_to_multiple_of:
             row.pad(-(-real // self.pad_to_multiple_of) * self.pad_to_multiple_of, self.pad_token_id)
@@ -74,11 +70,7 @@ class PackedCollator:
             "logit_index": long(row.logit_index),
             "target_ids": long(row.targets),
             "completion_index": long(row.completion_index),
-            "chosen_idx": long(chosen),
-            "rejected_idx": long(rejected),
-            "pair_row_ids": long(pair_rows),
-            "num_completions": row.num_completions,
-            "num_pairs": len(chosen),
+            **pair_tensors(flat_pairs(examples)),  # completions numbered as in PreferenceCollator
             "num_tokens": real,
         }
 
@@ -177,7 +169,7 @@ def _as_mask(
 
 
 def _per_document(doc_ids: Tensor, branch_ids: Tensor, dtype: torch.dtype) -> dict[str, Any]:
-    from dpo_lightning.doc_attention import NO_MASK, packed_layout
+    from dpo_lightning.engine.doc_attention import NO_MASK, packed_layout
 
     layout = packed_layout(doc_ids, branch_ids)
     return {"attention_mask": NO_MASK.to(doc_ids.device), "packed_layout": layout}

@@ -1,4 +1,4 @@
-"""Wiring of the reliability pieces into ``train()``: callbacks, resume and checkpoint I/O."""
+"""The callbacks every run gets: atomic checkpoints, resume state, the non-finite guard."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
-from dpo_lightning.checkpointing import AtomicCheckpointIO, ResumeState
-from dpo_lightning.faults import FaultInjector
-from dpo_lightning.guards import NonFiniteGuard
-from dpo_lightning.resume import run_config
+from dpo_lightning.run.checkpointing import AtomicCheckpointIO, ResumeState
+from dpo_lightning.run.guards import NonFiniteGuard
+from dpo_lightning.run.resume import run_config
 
 
 class AtomicCheckpoints(L.Callback):
@@ -24,13 +23,12 @@ class AtomicCheckpoints(L.Callback):
 
 
 def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks every run gets: atomic checkpoints, resume state, non-finite guard, faults."""
+    """Callbacks every run gets: atomic checkpoints, resume state, non-finite guard."""
     train_cfg = cfg.get("train") or {}
     return [
         AtomicCheckpoints(),
         ResumeState(run_config(cfg)),
         NonFiniteGuard(train_cfg.get("on_nonfinite", "stop")),
-        FaultInjector(),
     ]
 
 

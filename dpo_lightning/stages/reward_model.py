@@ -9,6 +9,9 @@ state of each row's last real token: ``r(x, y) = w · h_last``. K-wise rankings 
 of the ranking, as for DPO. ``hf_model/`` is an ``AutoModelForSequenceClassification``
 (``num_labels=1``) saved with ``save_pretrained``; ``val/rewards/accuracies`` is the share of
 held-out pairs whose chosen completion gets the higher reward.
+
+Supports / assumptions: HF architectures with an ``*ForSequenceClassification`` class whose head
+is a linear ``score``; padded rows only (``engine=padded``); no LoRA yet.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from dpo_lightning.logps import position_ids_from_mask
+from dpo_lightning.engine import ForwardEngine
+from dpo_lightning.engine.logps import position_ids_from_mask
 from dpo_lightning.losses import reward_model_loss
-from dpo_lightning.policy_module import PolicyModule
+from dpo_lightning.stages.base import PolicyModule
 
 
 def reward_model_from_causal_lm(lm: PreTrainedModel, pad_token_id: int | None = None) -> PreTrainedModel:
@@ -74,10 +78,10 @@ class RewardModelModule(PolicyModule):
         policy: the causal LM whose backbone the reward model keeps (``model=`` config).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None.
-        loss, reference: must be None (``experiment=reward_model`` sets both to null); accepted so
-            ``train.py`` builds every task with the same arguments.
+        engine: must keep one padded row per completion (``engine=padded``): the head reads
+            each row's last real token.
         center_rewards_coefficient: weight of ``mean((r_w + r_l)²)``, which keeps rewards centred
-            on 0 (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244; TRL's option of the
+            on 0 (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244; TRL 1.16's option of the
             same name). 0 disables it.
         pad_token_id: written to the exported config (default: the model's EOS id).
     """
@@ -87,16 +91,17 @@ class RewardModelModule(PolicyModule):
         policy: PreTrainedModel,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
-        loss: Any = None,
-        reference: Any = None,
+        engine: ForwardEngine | None = None,
         center_rewards_coefficient: float = 0.0,
         pad_token_id: int | None = None,
     ) -> None:
-        if loss is not None or reference is not None:
+        if engine is not None and not engine.row_per_completion:
             raise ValueError(
-                "reward-model training uses the Bradley–Terry loss: set loss=null reference=null"
+                f"stage=reward_model reads one padded row per completion; engine "
+                f"{type(engine).__name__} packs them: use engine=padded"
             )
-        super().__init__(reward_model_from_causal_lm(policy, pad_token_id), optimizer, scheduler)
+        model = reward_model_from_causal_lm(policy, pad_token_id)
+        super().__init__(model, optimizer, scheduler, engine)
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def forward(self, batch: dict[str, Any]) -> Tensor:

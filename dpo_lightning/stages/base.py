@@ -1,4 +1,5 @@
-"""What every training stage shares: a trainable policy and its optimizer and LR schedule."""
+"""What every training stage shares: a trainable policy, its optimizer and LR schedule, the
+forward engine, and one logging rule."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from dpo_lightning.engine import ForwardEngine, PaddedEngine
+
+
+def model_flops_per_token(params: int, training: bool) -> float:
+    """Model FLOPs per token: ``6N`` for a trained model (forward + backward), ``2N`` for a
+    forward only (Kaplan et al. 2020, https://arxiv.org/abs/2001.08361; attention left out)."""
+    return (6 if training else 2) * params
+
 
 class PolicyModule(L.LightningModule):
     """Base of the stage modules (``conf/stage/``: DPO, SFT, reward model).
@@ -18,6 +27,8 @@ class PolicyModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``), called on the policy's
             trainable parameters only (never a frozen reference).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
+        engine: batch layout + forward (``conf/engine``; the same object built the DataModule's
+            collator); default: padded rows.
 
     Subclasses implement ``_shared_step(batch, stage) -> loss`` (stage ``train`` or ``val``).
     """
@@ -27,11 +38,31 @@ class PolicyModule(L.LightningModule):
         policy: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
+        engine: ForwardEngine | None = None,
     ) -> None:
         super().__init__()
         self.policy = policy
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.engine = engine or PaddedEngine()
+        #: Model FLOPs of the batch being processed: Lightning's ``ThroughputMonitor`` reads it
+        #: (for ``mfu``) after every batch.
+        self.flops_per_batch: float | None = None
+
+    def forward_only_params(self) -> int:
+        """Parameters read by the step's forward-only passes (a reference), per token."""
+        return 0
+
+    def flops_per_token(self, training: bool) -> float:
+        """Model FLOPs per batch token: the policy trained (or evaluated) plus forward-only passes."""
+        policy = sum(p.numel() for p in self.policy.parameters())
+        forward_only = model_flops_per_token(self.forward_only_params(), training=False)
+        return model_flops_per_token(policy, training) + forward_only
+
+    @property
+    def reference_model(self) -> nn.Module | None:
+        """A frozen reference model this stage holds (for callbacks that score samples), or None."""
+        return None
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         raise NotImplementedError
@@ -52,9 +83,11 @@ class PolicyModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        self.flops_per_batch = self.flops_per_token(training=True) * int(batch["num_tokens"])
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.flops_per_batch = self.flops_per_token(training=False) * int(batch["num_tokens"])
         self._shared_step(batch, "val")
 
     def configure_optimizers(self) -> Any:

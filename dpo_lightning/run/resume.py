@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import dpo_lightning
-from dpo_lightning.checkpointing import META_KEY
-from dpo_lightning.errors import UserError
+from dpo_lightning.run.checkpointing import META_KEY
+from dpo_lightning.run.errors import UserError
 
 # Config groups that define the trained model; a resume must not change any key in them.
 RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer", "train")

@@ -1,16 +1,17 @@
 """Crash-safe checkpoints and exact resume.
 
-- :class:`AtomicCheckpointIO` writes ``<file>.tmp`` + fsync + ``os.replace``: a crash or a full
-  disk mid-write leaves the previous checkpoint intact; loads use ``torch.load(weights_only=True)``.
+- :class:`AtomicCheckpointIO` writes through :func:`~dpo_lightning.run.files.atomic_write`
+  (temp file + fsync + ``os.replace``): a crash or a full disk mid-write leaves the previous
+  checkpoint intact; loads use ``torch.load(weights_only=True)``.
 - :class:`RollingCheckpoint` is ``ModelCheckpoint`` keeping the ``keep_last`` newest files.
 - :class:`ResumeState` adds to every checkpoint the run's config (to refuse a resume with a
   changed config), the package version and the python / numpy / torch RNG states, restores the
   RNGs on resume, and flushes the loggers so the metric history on disk matches the checkpoint.
 
-Which checkpoint to resume from, and the metric history: :mod:`dpo_lightning.resume`.
+Which checkpoint to resume from, and the metric history: :mod:`dpo_lightning.run.resume`.
 
 The data-loader position is stored by Lightning itself: see
-:mod:`dpo_lightning.data.resumable`. The frozen reference is never stored (see
+:mod:`dpo_lightning.data.resumable`. A frozen reference is never stored (see
 ``DPOModule.on_save_checkpoint``).
 """
 
@@ -18,11 +19,9 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
-import signal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import numpy as np
@@ -31,8 +30,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import dpo_lightning
-from dpo_lightning import faults
-from dpo_lightning.errors import UserError
+from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.files import atomic_write
 
 META_KEY = "dpo_lightning"  # top-level checkpoint key of our metadata
 
@@ -47,20 +46,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
-                _maybe_fail_write(f, checkpoint)
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
-            _fsync_dir(path.parent)
-            for stale in path.parent.glob(f".{path.name}.tmp*"):  # left by a killed writer
-                stale.unlink(missing_ok=True)
+            atomic_write(path, lambda f: self.write(f, checkpoint))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             reason = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
             kept = [p.name for p in sorted(path.parent.glob("*.ckpt"))]
             raise CheckpointWriteError(
@@ -68,34 +56,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{kept or 'none'}; free space, then continue with resume=true"
             ) from err
 
+    def write(self, f: IO[bytes], checkpoint: dict[str, Any]) -> None:
+        """Serialise ``checkpoint`` into the open temp file (flushed and fsynced by the caller)."""
+        torch.save(checkpoint, f)
+
     def load_checkpoint(
         self, path: Any, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         # Our checkpoints hold tensors and plain containers only: never unpickle code.
         return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _maybe_fail_write(f: Any, checkpoint: dict[str, Any]) -> None:
-    """Fault injection (tests): a full disk, or a SIGKILL, half-way through this write."""
-    step = checkpoint.get("global_step")
-    if step is None or step not in (faults.planned("enospc"), faults.planned("killwrite")):
-        return
-    f.write(b"\0" * 1024)
-    f.flush()
-    if step == faults.planned("killwrite"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RollingCheckpoint(ModelCheckpoint):

@@ -18,8 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig
 
-from dpo_lightning.errors import UserError
-from dpo_lightning.resume import check_checkpoint, resolve_ckpt_path
+from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.resume import check_checkpoint, resolve_ckpt_path
 
 # config.json keys that hold a model's context length, by model family.
 CONTEXT_KEYS = (

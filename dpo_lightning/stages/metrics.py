@@ -1,4 +1,4 @@
-"""Per-batch preference metrics with TRL's names, so dashboards carry over."""
+"""Per-batch preference metrics with TRL 1.16's names, so dashboards carry over."""
 
 from __future__ import annotations
 

@@ -3,12 +3,16 @@
 ``dpo-train stage=sft`` trains on the **chosen** completions of the same preference data (the DPO
 paper's "Preferred-FT" / SFT step) and exports ``hf_model/``, which a DPO run then loads as both
 policy and reference (``model=hf model.name_or_path=<sft run>/hf_model``). With ``data=text``
-(:class:`TextFormat`) it is plain language modelling on a text column: every row is one
-completion with an empty prompt and no pairs, and every completion token is trained on.
+(:class:`~dpo_lightning.data.formats.TextFormat`) it is plain language modelling on a text
+column: every row is one completion with an empty prompt and no pairs, and every completion
+token is trained on.
 
     dpo-train stage=sft hydra.run.dir=/tmp/sft                    # SFT on the chosen completions
     dpo-train stage=sft data=text data.path=reviews.jsonl         # plain text (column "text")
     dpo-train model=hf model.name_or_path=/tmp/sft/hf_model       # then DPO from the SFT model
+
+Supports / assumptions: both engines (the padded one forwards only the trained rows; the packed
+one computes every completion of its row and keeps the trained ones).
 """
 
 from __future__ import annotations
@@ -18,16 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpo_lightning.data.formats import RowFormat, require_text
-from dpo_lightning.logps import concatenated_forward
-from dpo_lightning.policy_module import PolicyModule
+from dpo_lightning.stages.base import PolicyModule
 
 
 def sft_rows(batch: dict[str, Any]) -> Tensor:
-    """Indices (R,) of the rows SFT trains on: the completions that win some pair, or every row
+    """Indices (R,) of the completions SFT trains on: those that win some pair, or every one
     when the batch has no pairs (plain text). A completion chosen in several pairs counts once."""
     if int(batch["num_pairs"]) == 0:
-        return torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+        return torch.arange(int(batch["num_completions"]), device=batch["input_ids"].device)
     return torch.unique(batch["chosen_idx"])
 
 
@@ -43,39 +45,17 @@ def token_nll(logps: Tensor, lengths: Tensor) -> Tensor:
 class SFTModule(PolicyModule):
     """Causal-LM fine-tuning on completion tokens (prompt tokens are context only).
 
-    Args:
-        policy: the causal LM being trained (a HF ``PreTrainedModel``).
-        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
-        scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
+    Args: those of :class:`~dpo_lightning.stages.base.PolicyModule` (policy, optimizer,
+    scheduler, engine).
 
-    Takes the batches of :class:`~dpo_lightning.data.collate.PreferenceCollator` and forwards
-    only the rows :func:`sft_rows` selects. Logs ``{train,val}/loss`` (token NLL) and
+    Forwards the completions :func:`sft_rows` selects. Logs ``{train,val}/loss`` (token NLL) and
     ``{train,val}/ppl``.
     """
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
-        stats = concatenated_forward(
-            self.policy,
-            batch["input_ids"][rows],
-            batch["attention_mask"][rows],
-            batch["labels"][rows],
-        )
+        stats = self.engine(self.policy, batch, rows)
         loss = token_nll(stats.logps, stats.lengths)
         n = int(rows.numel())
         self.log_stage({"loss": loss, "ppl": loss.detach().exp()}, stage, n, prog_bar=True)
         return loss
-
-
-class TextFormat(RowFormat):
-    """Plain text rows ``{text}`` for language-model fine-tuning: an empty prompt (the tokenizer
-    adds BOS where the model uses one), the text as the single completion, no pairs.
-
-    Args:
-        columns: ``{"text": your column}`` when the text column has another name.
-    """
-
-    fields = ("text",)
-
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {"prompt": "", "completions": [require_text(row, self.col("text"))], "pairs": []}

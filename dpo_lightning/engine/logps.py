@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from dpo_lightning.data.collate import IGNORE_INDEX
 
 
 @dataclass
@@ -29,6 +29,10 @@ class CompletionStats:
     logps: Tensor
     lengths: Tensor
     mean_logits: Tensor
+
+    def select(self, rows: Tensor) -> CompletionStats:
+        """The statistics of completions ``rows`` (R,) only."""
+        return CompletionStats(self.logps[rows], self.lengths[rows], self.mean_logits[rows])
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 All inputs are per-pair **summed** log-probs of shape (P,) (``πc`` = log πθ(yw|x), ``rc`` =
 log πref(yw|x), likewise ``πr``/``rr`` for the rejected completion); every loss returns (P,)
-per-pair losses, and rewards ``β (π − r)``. Formulas match TRL's ``DPOTrainer.dpo_loss`` for the
+per-pair losses, and rewards ``β (π − r)``. Formulas match TRL 1.16's ``DPOTrainer.dpo_loss`` for the
 loss type named in each docstring.
 """
 
@@ -18,14 +18,13 @@ from dpo_lightning.losses.base import (
     PairLogps,
     ReferenceLoss,
     batch_token_nll,
-    per_token,
     require_lengths,
     smoothed_sigmoid_loss,
 )
 
 
 class DPOLoss(ReferenceLoss):
-    """Sigmoid DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 7). TRL ``sigmoid``.
+    """Sigmoid DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, Eq. 7). TRL 1.16 ``sigmoid``.
 
     ``L = −log σ(β Δ)``.
 
@@ -39,7 +38,7 @@ class DPOLoss(ReferenceLoss):
 
 class ConservativeDPOLoss(ReferenceLoss):
     """cDPO: DPO with label smoothing ε (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
-    TRL ``sigmoid`` with ``label_smoothing``.
+    TRL 1.16 ``sigmoid`` with ``label_smoothing``.
 
     ``L = −(1 − ε) log σ(β Δ) − ε log σ(−β Δ)``: the expected DPO loss when each preference label
     is flipped with probability ε.
@@ -54,7 +53,7 @@ class ConservativeDPOLoss(ReferenceLoss):
 
 
 class RobustDPOLoss(ReferenceLoss):
-    """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, Eq. 21). TRL ``robust``.
+    """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, Eq. 21). TRL 1.16 ``robust``.
 
     ``L = [−(1 − ε) log σ(β Δ) + ε log σ(−β Δ)] / (1 − 2ε)``: an unbiased estimate of the
     clean-label loss under label-flip noise ε (ε < 1/2).
@@ -73,7 +72,7 @@ class RobustDPOLoss(ReferenceLoss):
 
 class HingeLoss(ReferenceLoss):
     """Hinge loss on the DPO margin (SLiC, Zhao et al. 2023, https://arxiv.org/abs/2305.10425).
-    TRL ``hinge``.
+    TRL 1.16 ``hinge``.
 
     ``L = max(0, 1 − β Δ)``; here β plays the role of 1/δ, the inverse margin.
     """
@@ -83,7 +82,7 @@ class HingeLoss(ReferenceLoss):
 
 
 class IPOLoss(ReferenceLoss):
-    """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17). TRL ``ipo``.
+    """IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, Eq. 17). TRL 1.16 ``ipo``.
 
     ``L = (Δ̄ − 1/(2β))²`` with length-averaged log-ratios
     ``Δ̄ = (πc − rc)/|yw| − (πr − rr)/|yl|`` (per-token averaging confirmed by IPO's authors; it
@@ -93,20 +92,17 @@ class IPOLoss(ReferenceLoss):
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         require_lengths("IPOLoss", chosen_lengths=pair.chosen_lengths, rejected_lengths=pair.rejected_lengths)
-        delta = per_token(pair.chosen_logratios, pair.chosen_lengths) - per_token(
-            pair.rejected_logratios, pair.rejected_lengths
-        )
-        return (delta - 1 / (2 * self.beta)) ** 2
+        return (pair.normalized_logits - 1 / (2 * self.beta)) ** 2
 
 
 class ExoPairLoss(ReferenceLoss):
-    """EXO, pairwise (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16). TRL ``exo_pair``.
+    """EXO, pairwise (Ji et al. 2024, https://arxiv.org/abs/2402.00856, Eq. 16). TRL 1.16 ``exo_pair``.
 
     The reverse KL from the policy's preference distribution to the ε-smoothed label:
     ``L = σ(βΔ) (log σ(βΔ) − log(1 − ε)) + σ(−βΔ) (log σ(−βΔ) − log ε)``.
 
     Args:
-        label_smoothing: ε > 0 (TRL replaces 0 by 1e-3; here 0 is refused).
+        label_smoothing: ε > 0 (TRL 1.16 replaces 0 by 1e-3; here 0 is refused).
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3) -> None:
@@ -124,7 +120,7 @@ class ExoPairLoss(ReferenceLoss):
 
 class DiscoPOPLoss(ReferenceLoss):
     """DiscoPOP / log-ratio modulated loss (Chan Lu et al. 2024, https://arxiv.org/abs/2406.08414,
-    Eq. 5). TRL ``discopop``.
+    Eq. 5). TRL 1.16 ``discopop``.
 
     With ``z = βΔ`` and ``m = σ(z/τ)``: ``L = (1 − m)(−log σ(z)) + m exp(−z)``.
 
@@ -144,7 +140,7 @@ class DiscoPOPLoss(ReferenceLoss):
 
 class SigmoidNormLoss(ReferenceLoss):
     """Length-normalised sigmoid DPO (as in SimPO's normalisation, https://arxiv.org/abs/2405.14734,
-    but keeping the reference). TRL ``sigmoid_norm``.
+    but keeping the reference). TRL 1.16 ``sigmoid_norm``.
 
     ``L = −log σ(β [(πc − rc)/|yw| − (πr − rr)/|yl|])``. Needs completion lengths.
     """
@@ -155,18 +151,15 @@ class SigmoidNormLoss(ReferenceLoss):
             chosen_lengths=pair.chosen_lengths,
             rejected_lengths=pair.rejected_lengths,
         )
-        delta = per_token(pair.chosen_logratios, pair.chosen_lengths) - per_token(
-            pair.rejected_logratios, pair.rejected_lengths
-        )
-        return -F.logsigmoid(self.beta * delta)
+        return -F.logsigmoid(self.beta * pair.normalized_logits)
 
 
 class RPOLoss(ReferenceLoss):
     """RPO: DPO plus α × the NLL of the chosen completion (Pang et al. 2024,
-    https://arxiv.org/abs/2404.19733, Eq. 3). TRL ``sigmoid`` with ``rpo_alpha``.
+    https://arxiv.org/abs/2404.19733, Eq. 3). TRL 1.16 ``sigmoid`` with ``rpo_alpha``.
 
     ``L_i = −log σ(β Δ_i) + α · (−πc_i / mean_j |yw_j|)``: the NLL term averages to the token-mean
-    cross-entropy over the batch's chosen completions, as TRL's ``nll_loss``. Needs
+    cross-entropy over the batch's chosen completions, as TRL 1.16's ``nll_loss``. Needs
     ``chosen_lengths``.
 
     Args:

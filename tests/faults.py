@@ -1,6 +1,8 @@
-"""Deterministic fault injection for the reliability tests (inactive unless asked for).
+"""Deterministic fault injection for the reliability tests (test code: nothing in the package).
 
-``DPO_LIGHTNING_FAULTS="kill@6,enospc@8,oom@2,nan@3"`` makes a run, at the given optimizer step:
+``DPO_LIGHTNING_FAULTS="kill@6,enospc@8,oom@2,nan@3"`` plus the config override
+:data:`OVERRIDE` (``tests/conftest.py`` adds it whenever the variable is set) makes a run, at the
+given optimizer step:
 
 - ``kill@N``: SIGKILL itself at the start of the batch after step N (a crash: nothing flushed);
 - ``enospc@N``: fail the checkpoint written after step N with ``OSError(ENOSPC)`` half-way
@@ -14,14 +16,19 @@ Timing-based kills are flaky; these land at the same point on every machine.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
 
+from dpo_lightning.run.checkpointing import AtomicCheckpointIO
+
 ENV = "DPO_LIGHTNING_FAULTS"
+#: The Hydra override that adds :class:`FaultInjector` to a run's callbacks.
+OVERRIDE = "+callbacks.faults._target_=tests.faults.FaultInjector"
 
 
 def planned(kind: str) -> int | None:
@@ -33,8 +40,27 @@ def planned(kind: str) -> int | None:
     return None
 
 
+class FaultyCheckpointIO(AtomicCheckpointIO):
+    """The production checkpoint writer, failing half-way through the planned writes."""
+
+    def write(self, f: IO[bytes], checkpoint: dict[str, Any]) -> None:
+        step = checkpoint.get("global_step")
+        if step is not None and step in (planned("enospc"), planned("killwrite")):
+            f.write(b"\0" * 1024)
+            f.flush()
+            if step == planned("killwrite"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write(f, checkpoint)
+
+
 class FaultInjector(L.Callback):
-    """Fires the planned ``kill`` / ``oom`` / ``nan`` faults (see module docstring)."""
+    """Fires the planned faults (see the module docstring)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the run's own callbacks installed AtomicCheckpointIO in setup().
+        if type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO:
+            trainer.strategy.checkpoint_io = FaultyCheckpointIO()
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dpo_lightning.errors import UserError
+from dpo_lightning.run.errors import UserError
 
 POLICIES = ("skip", "stop")
 

@@ -1,4 +1,11 @@
-"""The DPO ``LightningModule``: a trainable policy, a frozen reference, a preference loss."""
+"""The DPO stage: a trainable policy, a reference strategy, a preference loss, a forward engine.
+
+Supports / assumptions: any loss of :mod:`dpo_lightning.losses` (a reference-free one skips the
+reference forward: the stage reads ``is_reference_free``, never a name); pairs and K-wise
+rankings alike (batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index
+API of :func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards
+the policy and the reference's model together in :meth:`DPOModule.configure_model`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,15 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from dpo_lightning.engine import ForwardEngine, PaddedEngine
-from dpo_lightning.logps import CompletionStats
+from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
 from dpo_lightning.losses import PreferenceLoss
-from dpo_lightning.metrics import preference_metrics
-from dpo_lightning.parallel import apply_parallelism
-from dpo_lightning.policy_module import PolicyModule
+from dpo_lightning.models.parallel import apply_parallelism, is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
+from dpo_lightning.stages.base import PolicyModule
+from dpo_lightning.stages.metrics import preference_metrics
+
+#: State-dict prefix of the reference strategy (its model, when it owns one).
+REFERENCE_PREFIX = "reference."
 
 
 class DPOModule(PolicyModule):
@@ -26,11 +35,12 @@ class DPOModule(PolicyModule):
         loss: a :class:`~dpo_lightning.losses.PreferenceLoss` (``conf/loss/*.yaml``).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
-        reference: where reference log-probs come from (default: a frozen copy of ``policy``).
+        reference: where reference log-probs come from (``conf/reference``; default: a frozen copy
+            of ``policy``); ``reference.for_loss(loss)`` checks the pairing and picks for ``auto``.
         engine: batch layout + forward (``conf/engine``; default: padded rows, full logits).
 
-    Batches come from :class:`~dpo_lightning.data.collate.PreferenceCollator`: B completion rows
-    and P pairs given as ``chosen_idx`` / ``rejected_idx`` into the rows.
+    Batches come from the engine's collator: B completions and P pairs given as ``chosen_idx`` /
+    ``rejected_idx`` into them.
     """
 
     def __init__(
@@ -42,38 +52,43 @@ class DPOModule(PolicyModule):
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
     ) -> None:
-        super().__init__(policy, optimizer, scheduler)
+        super().__init__(policy, optimizer, scheduler, engine)
         self.loss_fn = loss
-        self.engine = engine or PaddedEngine()
-        self.reference = reference or CopyReference()
-        self.reference.attach(self)
+        self.reference = (reference or CopyReference()).for_loss(loss)
+        self.reference.build(policy)
 
-    # Lightning calls .train() on the whole module each epoch; the reference must stay in eval
-    # mode (no dropout) whatever happens to the policy.
-    def train(self, mode: bool = True) -> DPOModule:
-        super().train(mode)
-        if hasattr(self, "reference_model"):
-            self.reference_model.eval()
-        return self
+    @property
+    def reference_model(self) -> nn.Module | None:
+        return self.reference.model
+
+    def forward_only_params(self) -> int:
+        return 0 if self.loss_fn.is_reference_free else self.reference.forward_params(self.policy)
 
     # The reference strategy may need the trainer and data (a precomputed cache) or callbacks
     # (a reference that follows the policy); it is asked, never inspected.
     def setup(self, stage: str) -> None:
-        self.reference.prepare(self, self.trainer)
+        self.reference.prepare(self.trainer, self.policy, self.engine)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
 
-    # FSDP2 (trainer=fsdp): shards policy and reference; a no-op under other strategies.
+    # FSDP2 (trainer=fsdp): shards the policy and the reference's model; a no-op elsewhere.
     def configure_model(self) -> None:
-        apply_parallelism(self)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        frozen = [] if self.reference.model is None else [self.reference.model]
+        apply_parallelism(strategy, self.policy, frozen)
 
-    def forward(self, batch: dict[str, Any]) -> CompletionStats:
+    def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        policy = self(batch)
-        reference = None if self.loss_fn.is_reference_free else self.reference.completion_logps(self, batch)
+        shared = EngineBatch(batch)  # what policy and reference derive once (the packed mask)
+        policy = self(shared)
+        reference = (
+            None
+            if self.loss_fn.is_reference_free
+            else self.reference.completion_logps(shared, self.policy, self.engine)
+        )
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
@@ -105,17 +120,21 @@ class DPOModule(PolicyModule):
         if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
 
-    # The frozen reference is rebuilt from its source: keep it out of checkpoints, so a
-    # checkpoint holds one copy of the weights.
+    # A reference rebuilt at every start stays out of checkpoints, so a checkpoint holds one copy
+    # of the weights. Sharded (FSDP2) checkpoints load key by key into the live module (DCP has
+    # no partial load through Lightning), so they keep it (sharded too).
+    def _reference_left_out(self) -> bool:
+        return self.reference.rebuilt_on_start and not is_sharded(self.policy)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefix = self.reference.frozen_prefix
-        if prefix:
+        if self._reference_left_out():
             state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith(prefix)]:
+            for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        prefix = self.reference.frozen_prefix
-        if prefix:
+        if self._reference_left_out():
             current = self.state_dict()
-            checkpoint["state_dict"].update({k: v for k, v in current.items() if k.startswith(prefix)})
+            checkpoint["state_dict"].update(
+                {k: v for k, v in current.items() if k.startswith(REFERENCE_PREFIX)}
+            )

@@ -1,0 +1,126 @@
+"""The benchmark's workload: model shapes, token-id examples, a word-level tokenizer, a clock.
+
+Drawn exactly as ``shared/bench/trl_anchor.py`` draws them, so every engine sees the same data.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+SHAPES = {
+    "tiny": dict(
+        config=dict(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
+        prompt=(8, 32),
+        completion=(4, 32),
+    ),
+    "llama-1b": dict(
+        config=dict(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+        ),
+        prompt=(64, 384),
+        completion=(32, 384),
+    ),
+}
+
+
+def make_examples(shape: str, pairs: int, steps: int, warmup: int) -> list[dict[str, list[int]]]:
+    """Token-id examples, drawn exactly as ``trl_anchor.py`` draws them."""
+    spec = SHAPES[shape]
+    vocab = spec["config"]["vocab_size"]
+    eos = vocab - 1
+    rng = random.Random(0)
+    out = []
+    for _ in range((steps + warmup + 2) * pairs):
+        pl = rng.randint(*spec["prompt"])
+        out.append(
+            {
+                "prompt": [rng.randrange(0, vocab - 3) for _ in range(pl)],
+                "chosen": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))]
+                + [eos],
+                "rejected": [rng.randrange(0, vocab - 3) for _ in range(rng.randint(*spec["completion"]))]
+                + [eos],
+            }
+        )
+    return out
+
+
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer where ``w{i}`` is id i (the same one TRL gets in trl_anchor.py)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab - 3)} | {
+        "[UNK]": vocab - 3,
+        "[PAD]": vocab - 2,
+        "[EOS]": vocab - 1,
+    }
+    tk = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+
+
+def text_rows(examples: list[dict[str, list[int]]], vocab: int) -> list[dict[str, str]]:
+    """Prompt/chosen/rejected strings; the EOS is dropped here and re-added by each tokenisation."""
+
+    def txt(ids: list[int]) -> str:
+        return " ".join(f"w{i}" for i in ids if i < vocab - 3)
+
+    return [
+        {
+            "prompt": txt(e["prompt"]),
+            "chosen": " " + txt(e["chosen"]),
+            "rejected": " " + txt(e["rejected"]),
+        }
+        for e in examples
+    ]
+
+
+def make_model(shape: str, device: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[shape]["config"])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(
+            cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32
+        )
+
+
+class StepClock:
+    """Wall time between consecutive optimizer-step ends (device synchronised), and the process's
+    CPU time over the same spans (on a shared CPU with ``--threads 1``: the work, without the
+    neighbours' load)."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.times, self.cpu_times, self._last = device, [], [], None
+
+    def tick(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        now = (time.perf_counter(), time.process_time())
+        if self._last is not None:
+            self.times.append(now[0] - self._last[0])
+            self.cpu_times.append(now[1] - self._last[1])
+        self._last = now
