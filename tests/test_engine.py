@@ -294,3 +294,15 @@ def test_packed_sdpa_without_layout_is_plain_sdpa():
     model.set_attn_implementation("packed_sdpa")
     got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
+
+
+def test_engines_and_a_stage_pickle_for_spawned_workers():
+    """ddp_spawn pickles the module with its engine: compiled-model bookkeeping starts afresh."""
+    import pickle
+
+    engine = PackedEngine(compile=True)
+    model = make_tiny_model(V)
+    engine._compiled.add(model)
+    clone = pickle.loads(pickle.dumps(_module(engine, model)))
+    assert clone.engine.compile and len(clone.engine._compiled) == 0
+    assert isinstance(pickle.loads(pickle.dumps(PaddedEngine())), PaddedEngine)

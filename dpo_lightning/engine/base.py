@@ -64,6 +64,15 @@ class ForwardEngine:
         self.compile = compile
         self._compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
+    # Which models were compiled is per process (weak references do not pickle): a spawned
+    # DDP worker or a deep copy starts with none.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._compiled = weakref.WeakSet()
+
     def collator(
         self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
     ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
