@@ -298,11 +298,15 @@ def test_packed_sdpa_without_layout_is_plain_sdpa():
 
 def test_engines_and_a_stage_pickle_for_spawned_workers():
     """ddp_spawn pickles the module with its engine: compiled-model bookkeeping starts afresh."""
+    import functools
     import pickle
 
     engine = PackedEngine(compile=True)
     model = make_tiny_model(V)
     engine._compiled.add(model)
-    clone = pickle.loads(pickle.dumps(_module(engine, model)))
+    module = DPOModule(
+        model, DPOLoss(beta=0.1), optimizer=functools.partial(torch.optim.SGD, lr=0.1), engine=engine
+    )
+    clone = pickle.loads(pickle.dumps(module))
     assert clone.engine.compile and len(clone.engine._compiled) == 0
     assert isinstance(pickle.loads(pickle.dumps(PaddedEngine())), PaddedEngine)
