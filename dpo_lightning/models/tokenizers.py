@@ -66,3 +66,24 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tok.pad_token = tok.eos_token
         print(f"[dpo_lightning] tokenizer {name_or_path!r} has no pad token: using eos {tok.eos_token!r}")
     return tok
+
+
+def tokenizer_differences(policy: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> list[str]:
+    """Why ``other`` would not score the policy's token ids like the policy's tokenizer: ``[]``
+    when both map every token (special and added ones included) to the same id.
+
+    Compared by content, never identity: two tokenizers loaded from different folders with the
+    same vocabulary are the same here. Special-token *roles* (which token is EOS) are not
+    compared: a reference only scores the ids the policy's tokenizer produced, so an instruct
+    tokenizer whose EOS is another token of the same vocabulary is still compatible.
+    """
+    if len(policy) != len(other):
+        return [f"vocabulary sizes differ ({len(policy)} vs {len(other)} tokens)"]
+    mine, theirs = policy.get_vocab(), other.get_vocab()
+    if mine == theirs:
+        return []
+    for token in policy.all_special_tokens:
+        if theirs.get(token) != mine.get(token):
+            return [f"special token {token!r} has id {mine.get(token)} vs {theirs.get(token)}"]
+    token = min(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    return [f"token {token!r} has id {mine.get(token)} vs {theirs.get(token)}"]
