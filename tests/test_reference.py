@@ -13,6 +13,7 @@ from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
 from dpo_lightning.engine import EngineBatch, PackedEngine, PaddedEngine
+from dpo_lightning.engine.packing import PackedCollator
 from dpo_lightning.losses import DPOLoss, MixLoss, SFTLoss, SimPOLoss
 from dpo_lightning.reference import (
     AdapterReference,
@@ -23,7 +24,6 @@ from dpo_lightning.reference import (
     SyncReference,
     check_pairing,
 )
-from dpo_lightning.engine.packing import PackedCollator
 from dpo_lightning.reference.precomputed import model_fingerprint
 from dpo_lightning.stages.dpo import DPOModule
 from tests.conftest import make_tiny_model

@@ -10,10 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import test_distributed_cli as distributed
 from tests.conftest import run_cli
-from tests.test_distributed_cli import COMMON, ENV, TRACKED, _train_rows, data_arg  # noqa: F401
+from tests.test_distributed_cli import COMMON, ENV, TRACKED, _train_rows
 
 pytestmark = pytest.mark.slow
+data_arg = distributed.data_arg  # the 40-pair file those equivalence tests use (a fixture)
 
 
 @pytest.fixture(scope="module")

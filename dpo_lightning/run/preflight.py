@@ -39,7 +39,9 @@ def preflight(cfg: DictConfig) -> dict[str, Any] | None:
     model_config = check_model_source(cfg.model)
     check_context_length(cfg, model_config)
     reference = cfg.get("reference") or {}
-    if "name_or_path" in reference.keys():  # a checkpoint of its own (reference=model); `in` skips ???
+    # A reference with a checkpoint of its own (reference=model). `in` on the config itself
+    # treats a missing value (???) as absent, its keys() do not.
+    if "name_or_path" in reference.keys():  # noqa: SIM118
         if OmegaConf.is_missing(reference, "name_or_path"):
             raise UserError(
                 "reference=model needs reference.name_or_path=<folder or hub id> (the reference checkpoint)"
