@@ -6,10 +6,12 @@
     dpo-train trainer=ddp trainer.devices=4      # multi-GPU
     dpo-train logger=wandb                       # W&B (offline when no API key)
     dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
+    dpo-train export.push_to_hub=true export.repo_id=me/tiny-dpo  # hf_model/ to the hub at the end
 
 :func:`train` reads top to bottom: preflight → seed → tokenizer → engine → data → stage module →
-callbacks/loggers → trainer → fit → validate → export → summary. It returns the metric named by
-``optimized_metric`` for sweepers.
+callbacks/loggers → trainer → fit → validate → export (policy, tokenizer, model card) → summary
+→ push to the hub when ``export.push_to_hub``. It returns the metric named by ``optimized_metric``
+for sweepers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.models.lora import build_lora, save_policy
 from dpo_lightning.models.parallel import full_state_dict
 from dpo_lightning.models.tokenizers import load_tokenizer
+from dpo_lightning.reporting.hub import push_if_asked
+from dpo_lightning.reporting.model_card import write_model_card
 from dpo_lightning.reporting.summary import print_table, run_summary, scalar_metrics, write_summary
 from dpo_lightning.reporting.throughput import RunTotals
 from dpo_lightning.run.callbacks import nonfinite_skipped, reliability_callbacks
@@ -76,13 +80,20 @@ def train(cfg: DictConfig) -> float | None:
     }
     summary = run_summary(trainer, metrics, totals, datamodule.report(), extra)  # collective
     if trainer.is_global_zero:
-        merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
-        save_policy(module.policy, export_dir, merge_adapter=merge, state_dict=policy_state)
-        tokenizer.save_pretrained(export_dir)
+        export_policy(cfg, module.policy, tokenizer, policy_state, export_dir)
         summary["wall_seconds"] = time.perf_counter() - start
         write_summary(export_dir.parent / "summary.json", summary)
         print_table(summary)
+        write_model_card(export_dir, cfg, summary)
+        push_if_asked(cfg.get("export"), export_dir)  # last: a failed push loses nothing
     return objective(cfg, summary)
+
+
+def export_policy(cfg: DictConfig, policy: Any, tokenizer: Any, state: dict | None, export_dir: Path) -> None:
+    """``hf_model/``: the policy (``state``: its weights gathered from shards, or None) and tokenizer."""
+    merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
+    save_policy(policy, export_dir, merge_adapter=merge, state_dict=state)
+    tokenizer.save_pretrained(export_dir)
 
 
 def build_tokenizer(model_cfg: DictConfig):

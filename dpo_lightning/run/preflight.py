@@ -4,7 +4,8 @@
 is a readable local model folder, or a hub id that can be reached (or is cached when
 ``HF_HUB_OFFLINE=1``) — probed in ~3 s instead of the hub client's retry loop — and so is a
 separate reference's ``reference.name_or_path``; ``data.max_length`` fits the model's (and that
-reference's) context; the checkpoint to resume from exists, is ours and matches the config.
+reference's) context; ``export.push_to_hub`` has a valid ``export.repo_id``; the checkpoint to
+resume from exists, is ours and matches the config.
 """
 
 from __future__ import annotations
@@ -47,8 +48,24 @@ def preflight(cfg: DictConfig) -> dict[str, Any] | None:
                 "reference=model needs reference.name_or_path=<folder or hub id> (the reference checkpoint)"
             )
         check_context_length(cfg, check_model_source(reference, key="reference"), key="reference")
+    check_export(cfg.get("export") or {})
     ckpt_path = resolve_ckpt_path(cfg)
     return None if ckpt_path is None else {**check_checkpoint(ckpt_path, cfg), "path": ckpt_path}
+
+
+def check_export(export: Any) -> None:
+    """``export.push_to_hub`` needs a valid ``export.repo_id`` (checked now, not after training)."""
+    if not export.get("push_to_hub"):
+        return
+    repo_id = export.get("repo_id")
+    if not repo_id:
+        raise UserError("export.push_to_hub=true needs export.repo_id=<user or org>/<name>")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError as err:
+        raise UserError(f"export.repo_id={repo_id!r} is not a hub repo id ({err})") from None
 
 
 def check_output_dir(run_dir: Path) -> None:
