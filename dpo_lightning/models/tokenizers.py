@@ -10,9 +10,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from dpo_lightning.data.synthetic import sentiment_corpus
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# A minimal chat template (ChatML-like) so conversational data works offline too.
+# A minimal chat template (ChatML-like) so conversational data works offline too. It renders tool
+# calling the way HF templates do (Hermes-style): the ``tools`` specs as a leading system turn,
+# an assistant's ``tool_calls`` as ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` after
+# its text, ``tool`` results as their own turn. Without tools it renders exactly as before.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if tools %}<|system|>\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</s>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}{% set f = c['function'] if c['function'] is defined else c %}"
+    "<tool_call>{{ {'name': f['name'], 'arguments': f['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
