@@ -7,6 +7,7 @@ Added to a run with ``+callbacks.probe._target_=tests.probes.ReferenceProbe
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 from typing import Any
 
@@ -57,5 +58,6 @@ class ReferenceProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.info["sum_after"] = _full_sum(pl_module.reference.model)
         self.info["training_at_end"] = pl_module.reference.model.training
+        self.info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.dirpath.mkdir(parents=True, exist_ok=True)
         (self.dirpath / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.info))

@@ -1,5 +1,6 @@
-"""``reference=model`` through the CLI: one device (reference with the policy or on the CPU),
-checkpoints without the reference, resume, and FSDP2 (sharded, or offloaded to CPU memory)."""
+"""Reference strategies through the CLI: ``reference=model`` on one device (with the policy or on
+the CPU), checkpoints without the reference, resume, FSDP2 (sharded, or offloaded to CPU memory);
+``reference=precomputed`` shared by the padded and packed engines."""
 
 from __future__ import annotations
 
@@ -109,3 +110,29 @@ def test_cli_fsdp2_shards_or_offloads_the_reference_and_matches_one_process(fold
         assert all(full / 2 <= p["local_numel"] <= full / 2 + 2048 for p in probes)
     single = _probe(runs["one"], 0)
     assert not single["sharded"] and single["local_numel"] == single["full_numel"]
+
+
+def test_cli_precomputed_cache_serves_padded_and_packed_runs(tmp_path):
+    """reference=precomputed with engine=packed (refused before): a padded run writes the cache,
+    a packed run reads it with zero model calls (and the other way round), same losses."""
+    cache = tmp_path / "ref_cache"
+    base = ["debug=fast", "reference=precomputed", f"reference.cache_dir={cache}", "data.batch_size=4"]
+    summaries, logs = {}, {}
+    for name, engine in (("padded", "padded"), ("packed", "packed"), ("padded_again", "padded")):
+        run = tmp_path / name
+        proc = run_cli([*base, f"engine={engine}", f"hydra.run.dir={run}"], tmp_path)
+        summaries[name] = json.loads((run / "summary.json").read_text())
+        logs[name] = proc.stdout + proc.stderr
+    assert "reference log-probs computed" in logs["padded"]
+    assert (
+        "reference log-probs loaded" in logs["packed"]
+        and "reference log-probs computed" not in logs["packed"]
+    )
+    assert "reference log-probs loaded" in logs["padded_again"]
+    assert len(list(cache.glob("*.pt"))) == 1
+    for name in ("packed", "padded_again"):
+        for key in ("loss", "rewards/margins", "logps/chosen"):
+            assert summaries[name]["val"][key] == pytest.approx(summaries["padded"]["val"][key], abs=1e-5), (
+                name,
+                key,
+            )

@@ -231,7 +231,7 @@ def test_bad_tool_rows_are_counted_or_stop_the_run(chat_tokenizer, tmp_path):
 def test_cli_trains_on_tool_conversations(tmp_path):
     fixture = FIXTURES / "tool_conversations.jsonl"
     run = tmp_path / "run"
-    args = ["data=file", f"data.path={fixture}", "data.max_length=256", "debug=fast", "trainer.max_steps=2"]
+    args = ["data=file", f"data.path={fixture}", "data.max_length=512", "debug=fast", "trainer.max_steps=2"]
     run_cli([*args, f"data.cache_dir={tmp_path}/cache", f"hydra.run.dir={run}"], tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     report = summary["data"][str(fixture)]
