@@ -42,6 +42,7 @@ def test_local_sources_stay_out_of_the_hub_keys(tmp_path):
     assert meta["dpo_lightning"]["loss"] == "IPOLoss"
     sft = card_for(["stage=sft"], tmp_path)["dpo_lightning"]
     assert sft["stage"] == "SFTModule" and sft["loss"] is None and sft["beta"] is None
+    assert sft["reference"] == "none"
 
 
 def test_push_uploads_the_complete_export_private_by_default(tmp_path, monkeypatch):

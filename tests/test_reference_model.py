@@ -196,3 +196,31 @@ def test_placement_options_are_refused_where_they_cannot_work(tokenizer, folders
     fsdp.datamodule = None
     with pytest.raises(UserError, match=r"reference\.device=cpu is for a single device"):
         ModelReference(str(folders / "sft"), device="cpu").prepare(fsdp, None, None)
+
+
+def test_preflight_checks_the_reference_source_like_the_policy_s(folders, tmp_path):
+    """Before any tokenizing or model work: the folder or hub id, and the context length."""
+    from dpo_lightning.run.preflight import preflight
+    from tests.conftest import compose
+
+    def run(*overrides):
+        return preflight(compose(["reference=model", f"paths.output_dir={tmp_path}", *overrides], tmp_path))
+
+    def error(*overrides):
+        with pytest.raises(UserError) as err:
+            run(*overrides)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert error() == (
+        "reference=model needs reference.name_or_path=<folder or hub id> (the reference checkpoint)"
+    )
+    # A hub id keeps the hub path (offline here: not cached, so refused with the fix).
+    assert error("reference.name_or_path=org/sft-model").startswith(
+        "reference.name_or_path='org/sft-model' is a hub id, the hub is offline"
+    )
+    assert "does not exist" in error(f"reference.name_or_path={tmp_path / 'nope'}")
+    assert error(f"reference.name_or_path={folders / 'sft'}", "data.max_length=300") == (
+        "data.max_length=300 is longer than the reference's context (256 positions): set data.max_length<=256"
+    )
+    assert run(f"reference.name_or_path={folders / 'sft'}") is None  # a good folder passes

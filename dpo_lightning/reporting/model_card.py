@@ -92,7 +92,7 @@ def run_facts(cfg: DictConfig, summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "stage": _target_name(cfg.stage.module),
         "base_model": str(base),
-        "reference": str(ref_source or (_target_name(reference) if uses_loss else None)),
+        "reference": str(ref_source or (_target_name(reference) if uses_loss else "none")),
         "data": str(data_source),
         "loss": _target_name(loss) if loss is not None else None,
         "beta": loss.get("beta") if loss is not None else None,
