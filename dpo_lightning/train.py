@@ -6,10 +6,12 @@
     dpo-train trainer=ddp trainer.devices=4      # multi-GPU
     dpo-train logger=wandb                       # W&B (offline when no API key)
     dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
+    dpo-train export.push_to_hub=true export.repo_id=me/tiny-dpo  # hf_model/ to the hub at the end
 
 :func:`train` reads top to bottom: preflight → seed → tokenizer → engine → data → stage module →
-callbacks/loggers → trainer → fit → validate → export → summary. It returns the metric named by
-``optimized_metric`` for sweepers.
+callbacks/loggers → trainer → fit → validate → export (policy, tokenizer, model card) → summary
+→ push to the hub when ``export.push_to_hub``. It returns the metric named by ``optimized_metric``
+for sweepers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.models.lora import build_lora, save_policy
 from dpo_lightning.models.parallel import full_state_dict
 from dpo_lightning.models.tokenizers import load_tokenizer
+from dpo_lightning.reporting.hub import push_if_asked
+from dpo_lightning.reporting.model_card import write_model_card
 from dpo_lightning.reporting.summary import print_table, run_summary, scalar_metrics, write_summary
 from dpo_lightning.reporting.throughput import RunTotals
 from dpo_lightning.run.callbacks import nonfinite_skipped, reliability_callbacks
@@ -55,7 +59,7 @@ def train(cfg: DictConfig) -> float | None:
     engine = instantiate(cfg.get("engine"))  # built once: the DataModule's collator and the forward
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, layout=engine)
     datamodule.setup("fit")  # validate and tokenize before any model work
-    module = build_module(cfg, len(tokenizer), engine)
+    module = build_module(cfg, tokenizer, engine)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_loggers=bool(loggers))
     histories = csv_histories(loggers, resume["global_step"]) if resume else []
@@ -76,13 +80,20 @@ def train(cfg: DictConfig) -> float | None:
     }
     summary = run_summary(trainer, metrics, totals, datamodule.report(), extra)  # collective
     if trainer.is_global_zero:
-        merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
-        save_policy(module.policy, export_dir, merge_adapter=merge, state_dict=policy_state)
-        tokenizer.save_pretrained(export_dir)
+        export_policy(cfg, module.policy, tokenizer, policy_state, export_dir)
         summary["wall_seconds"] = time.perf_counter() - start
         write_summary(export_dir.parent / "summary.json", summary)
         print_table(summary)
+        write_model_card(export_dir, cfg, summary)
+        push_if_asked(cfg.get("export"), export_dir)  # last: a failed push loses nothing
     return objective(cfg, summary)
+
+
+def export_policy(cfg: DictConfig, policy: Any, tokenizer: Any, state: dict | None, export_dir: Path) -> None:
+    """``hf_model/``: the policy (``state``: its weights gathered from shards, or None) and tokenizer."""
+    merge = bool((cfg.model.get("lora") or {}).get("merge_on_export", False))
+    save_policy(policy, export_dir, merge_adapter=merge, state_dict=state)
+    tokenizer.save_pretrained(export_dir)
 
 
 def build_tokenizer(model_cfg: DictConfig):
@@ -99,14 +110,15 @@ def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
     return build_lora(load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed), lora)
 
 
-def build_module(cfg: DictConfig, vocab_size: int, engine: ForwardEngine | None) -> L.LightningModule:
+def build_module(cfg: DictConfig, tokenizer: Any, engine: ForwardEngine | None) -> L.LightningModule:
     """The stage's LightningModule (``stage=dpo|sft|reward_model`` names it and its parts)."""
     return instantiate(
         cfg.stage.module,
-        policy=build_policy(cfg.model, vocab_size, cfg.seed),
+        policy=build_policy(cfg.model, len(tokenizer), cfg.seed),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         engine=engine,
+        tokenizer=tokenizer,
     )
 
 

@@ -65,7 +65,7 @@ def test_longest_common_prefix_backs_off_to_a_word_boundary():
 def test_conversational_explicit_implicit_and_string_prompt_agree():
     user = {"role": "user", "content": "Hi?"}
     good, bad = {"role": "assistant", "content": "Hello!"}, {"role": "assistant", "content": "Go."}
-    expected = {"prompt": [user], "completions": [[good], [bad]], "pairs": [[0, 1]]}
+    expected = {"prompt": [user], "completions": [[good], [bad]], "pairs": [[0, 1]], "tools": None}
     explicit = {"prompt": [user], "chosen": [good], "rejected": [bad]}
     whole = {"chosen": [user, good], "rejected": [user, bad]}
     ufb = {

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import CONF_DIR, run_cli
 from tests.test_data_module import BAD, BAD_LINES, FIXTURES
 
-PRESETS = ["hh_rlhf", "ultrafeedback_binarized", "ultrafeedback", "shp", "tldr", "imdb"]
+PRESETS = ["hh_rlhf", "ultrafeedback_binarized", "ultrafeedback", "shp", "tldr", "imdb", "when2call"]
 SMALL = [
     "debug=fast",
     "trainer.max_steps=2",

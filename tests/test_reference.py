@@ -12,7 +12,8 @@ import torch
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.synthetic import sentiment_pairs
-from dpo_lightning.engine import EngineBatch, PaddedEngine
+from dpo_lightning.engine import EngineBatch, PackedEngine, PaddedEngine
+from dpo_lightning.engine.packing import PackedCollator
 from dpo_lightning.losses import DPOLoss, MixLoss, SFTLoss, SimPOLoss
 from dpo_lightning.reference import (
     AdapterReference,
@@ -23,7 +24,7 @@ from dpo_lightning.reference import (
     SyncReference,
     check_pairing,
 )
-from dpo_lightning.reference.precomputed import model_fingerprint, row_keys
+from dpo_lightning.reference.precomputed import model_fingerprint
 from dpo_lightning.stages.dpo import DPOModule
 from tests.conftest import make_tiny_model
 
@@ -95,13 +96,19 @@ def test_reference_free_training_never_asks_the_strategy(tokenizer, datamodule):
 # ---- precomputed ------------------------------------------------------------------------------
 
 
-def test_row_keys_ignore_padding_side_and_width(tokenizer, datamodule):
+def test_completion_keys_are_the_same_in_every_layout_and_follow_the_split(tokenizer, datamodule):
     ex = [datamodule.val_set[i] for i in range(3)]
     right = PreferenceCollator(tokenizer.pad_token_id, "right")(ex)
     left = PreferenceCollator(tokenizer.pad_token_id, "left", pad_to_multiple_of=64)(ex)
-    keys = row_keys(right["input_ids"], right["attention_mask"], right["labels"])
-    assert keys == row_keys(left["input_ids"], left["attention_mask"], left["labels"])
+    packed = PackedCollator(tokenizer.pad_token_id, prefix_sharing=True)(ex)
+    unshared = PackedCollator(tokenizer.pad_token_id, prefix_sharing=False, pad_to_multiple_of=128)(ex)
+    keys = right["completion_keys"]
+    assert keys == left["completion_keys"] == packed["completion_keys"] == unshared["completion_keys"]
     assert len(set(keys)) == len(keys) == 6
+    # Moving one token from the prompt into the completion is another row (another context).
+    moved = dict(ex[0], prompt_ids=ex[0]["prompt_ids"][:-1])
+    moved["completion_ids"] = [ex[0]["prompt_ids"][-1:] + list(c) for c in ex[0]["completion_ids"]]
+    assert PreferenceCollator(tokenizer.pad_token_id)([moved])["completion_keys"] != keys[:2]
 
 
 def test_model_fingerprint_follows_the_weights(tokenizer):
@@ -153,6 +160,54 @@ def test_precomputed_matches_copy_and_second_run_calls_the_model_zero_times(toke
     for key in ("train/loss", "val/loss", "val/rewards/margins", "val/rewards/chosen"):
         assert first_metrics[key] == pytest.approx(copy_metrics[key], abs=1e-5), key
         assert second_metrics[key] == pytest.approx(copy_metrics[key], abs=1e-5), key
+
+
+def test_padded_and_packed_runs_share_one_cache_and_give_the_same_losses(tokenizer, tmp_path):
+    """The cache is keyed by row content: a packed run reads what a padded run wrote (and the
+    other way round) with zero model calls, and both train to the same metrics."""
+
+    def run(engine):
+        dm = PreferenceDataModule(
+            tokenizer,
+            generator=functools.partial(sentiment_pairs, n=60),
+            batch_size=6,
+            eval_batch_size=8,
+            val_fraction=0.2,
+            max_length=48,
+            layout=engine,
+        )
+        dm.setup("fit")
+        strategy = PrecomputedReference(cache_dir=str(tmp_path))
+        policy = make_tiny_model(len(tokenizer), seed=0)
+        module = DPOModule(policy=policy, loss=DPOLoss(0.5), optimizer=sgd, reference=strategy, engine=engine)
+        return strategy, fit_and_collect(module, dm)
+
+    padded, padded_metrics = run(PaddedEngine())
+    assert padded.forward_calls > 0
+    packed, packed_metrics = run(PackedEngine(chunk_size=16))
+    assert packed.forward_calls == 0 and packed.cache_path == padded.cache_path
+    again, again_metrics = run(PaddedEngine())
+    assert again.forward_calls == 0
+    for key in ("train/loss", "val/loss", "val/rewards/margins", "val/rewards/chosen", "val/logps/chosen"):
+        assert packed_metrics[key] == pytest.approx(padded_metrics[key], abs=1e-5), key
+        assert again_metrics[key] == pytest.approx(padded_metrics[key], abs=1e-6), key
+    # The values the padded run wrote are the packed engine's own log-probs, to fp32 precision.
+    dm = PreferenceDataModule(
+        tokenizer,
+        generator=functools.partial(sentiment_pairs, n=60),
+        batch_size=6,
+        eval_batch_size=8,
+        val_fraction=0.2,
+        max_length=48,
+        layout=PackedEngine(),
+    )
+    dm.setup("fit")
+    batch = EngineBatch(next(iter(dm.val_dataloader())))
+    fresh = make_tiny_model(len(tokenizer), seed=0).eval()
+    direct = PackedEngine()(fresh, batch)
+    cached = packed.completion_logps(batch, fresh, PackedEngine())
+    torch.testing.assert_close(cached.logps, direct.logps, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(cached.lengths, direct.lengths)
 
 
 class KWiseData(L.LightningDataModule):

@@ -10,6 +10,9 @@ the same way.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +63,24 @@ def flat_pairs(examples: list[dict[str, Any]]) -> FlatPairs:
     return out
 
 
+def content_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> int:
+    """A signed 64-bit key of one completion row from its token ids alone: the prompt's length,
+    the prompt ids and the completion ids (so the prompt/completion split is part of the key).
+
+    Independent of the batch layout (padded rows of either padding side and any width, or packed
+    rows with or without prefix sharing), so caches keyed by it serve every engine.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(array("q", [len(prompt_ids), *prompt_ids]).tobytes())
+    h.update(array("q", completion_ids).tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def completion_keys(examples: list[dict[str, Any]]) -> list[int]:
+    """:func:`content_key` of every completion of ``examples``, in the flat completion order (B)."""
+    return [content_key(ex["prompt_ids"], comp) for ex in examples for comp in ex["completion_ids"]]
+
+
 def pair_tensors(pairs: FlatPairs) -> dict[str, Any]:
     """The batch keys every layout shares: ``chosen_idx``, ``rejected_idx``, ``pair_row_ids`` (P,),
     ``num_completions`` (B) and ``num_pairs`` (P) as ints."""
@@ -84,7 +105,8 @@ class PreferenceCollator:
 
     Output keys: ``input_ids``, ``attention_mask``, ``labels`` (B, T); ``chosen_idx``,
     ``rejected_idx`` (P,) into B; ``pair_row_ids`` (P,) the source row of each pair;
-    ``num_completions`` (B), ``num_pairs`` and ``num_tokens`` (real tokens) as ints.
+    ``num_completions`` (B), ``num_pairs`` and ``num_tokens`` (real tokens) as ints;
+    ``completion_keys`` (B python ints, :func:`content_key`).
     """
 
     pad_token_id: int
@@ -107,6 +129,7 @@ class PreferenceCollator:
             "labels": self._pad(labels, IGNORE_INDEX, width),
             **pair_tensors(flat_pairs(examples)),
             "num_tokens": sum(len(r) for r in rows),
+            "completion_keys": completion_keys(examples),
         }
 
     def _pad(self, seqs: list[list[int]], value: int, width: int) -> torch.Tensor:

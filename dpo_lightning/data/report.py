@@ -20,6 +20,9 @@ HINTS = {
     "malformed_json_line": "the line is not one JSON object",
     "unknown_role": "roles must be system/user/assistant/tool (format.roles)",
     "chat_template_not_prefix": "the chat template renders the history unlike the prompt",
+    "malformed_tool_call": "tool_calls must be a list of {function: {name, arguments: object}}",
+    "malformed_tools": "tools must be a list of function specs (or set data.columns.tools=null)",
+    "tool_message_in_completion": "a tool result is not model output: end the completion before it",
 }
 
 

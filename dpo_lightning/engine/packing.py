@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpo_lightning.data.collate import flat_pairs, pair_tensors
+from dpo_lightning.data.collate import completion_keys, flat_pairs, pair_tensors
 
 
 @dataclass
@@ -46,7 +46,8 @@ class PackedCollator:
         (M,) — for every completion token, the row position whose hidden state predicts it, its
         id and its completion (0..B-1, the row order of ``PreferenceCollator``); ``chosen_idx``,
         ``rejected_idx``, ``pair_row_ids`` (P,); ``num_completions`` (B), ``num_pairs`` and
-        ``num_tokens`` (tokens in the row, padding excluded) as ints.
+        ``num_tokens`` (tokens in the row, padding excluded) as ints; ``completion_keys`` (B
+        python ints, the same as ``PreferenceCollator``'s: :func:`~dpo_lightning.data.collate.content_key`).
     """
 
     pad_token_id: int
@@ -72,6 +73,7 @@ class PackedCollator:
             "completion_index": long(row.completion_index),
             **pair_tensors(flat_pairs(examples)),  # completions numbered as in PreferenceCollator
             "num_tokens": real,
+            "completion_keys": completion_keys(examples),
         }
 
 

@@ -84,24 +84,33 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
-def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any]) -> None:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any], offload: bool = False) -> None:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, LM head).
+
+    ``offload``: keep the shards in CPU memory (``CPUOffloadPolicy``; pinned when CUDA is there),
+    copied to the accelerator layer by layer for each forward.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(
         param_dtype=DTYPES.get(settings["param_dtype"]),
         reduce_dtype=DTYPES.get(settings["reduce_dtype"]),
     )
+    placement = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    kwargs = {"mesh": mesh, "mp_policy": mp, "offload_policy": placement}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=settings["reshard_after_forward"])
+        fully_shard(layer, reshard_after_forward=settings["reshard_after_forward"], **kwargs)
     # The root's parameters (embeddings, tied LM head) are needed right after the last layer's
     # forward, so it is not resharded after forward.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
-def apply_parallelism(strategy: Any, policy: nn.Module, frozen: list[nn.Module]) -> bool:
-    """``configure_model`` body: shard ``policy`` and the ``frozen`` models under a
-    ``ModelParallelStrategy``; returns whether it sharded.
+def apply_parallelism(
+    strategy: Any, policy: nn.Module, frozen: list[nn.Module], offloaded: list[nn.Module] | None = None
+) -> bool:
+    """``configure_model`` body: shard ``policy``, the ``frozen`` models and the ``offloaded``
+    frozen models (shards kept in CPU memory) under a ``ModelParallelStrategy``; returns whether
+    it sharded.
 
     A no-op under every other strategy (DDP, DeepSpeed, single device, ``None``) and when called
     again (Lightning calls ``configure_model`` for every ``fit``/``validate``).
@@ -118,6 +127,8 @@ def apply_parallelism(strategy: Any, policy: nn.Module, frozen: list[nn.Module])
     mesh = strategy.device_mesh["data_parallel"]
     for model in (policy, *frozen):
         shard_model(model, mesh, settings)
+    for model in offloaded or []:
+        shard_model(model, mesh, settings, offload=True)
     return True
 
 

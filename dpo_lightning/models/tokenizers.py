@@ -10,9 +10,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from dpo_lightning.data.synthetic import sentiment_corpus
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# A minimal chat template (ChatML-like) so conversational data works offline too.
+# A minimal chat template (ChatML-like) so conversational data works offline too. It renders tool
+# calling the way HF templates do (Hermes-style): the ``tools`` specs as a leading system turn,
+# an assistant's ``tool_calls`` as ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` after
+# its text, ``tool`` results as their own turn. Without tools it renders exactly as before.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if tools %}<|system|>\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}</s>\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% for c in m['tool_calls'] or [] %}{% set f = c['function'] if c['function'] is defined else c %}"
+    "<tool_call>{{ {'name': f['name'], 'arguments': f['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 
@@ -66,3 +73,24 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tok.pad_token = tok.eos_token
         print(f"[dpo_lightning] tokenizer {name_or_path!r} has no pad token: using eos {tok.eos_token!r}")
     return tok
+
+
+def tokenizer_differences(policy: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> list[str]:
+    """Why ``other`` would not score the policy's token ids like the policy's tokenizer: ``[]``
+    when both map every token (special and added ones included) to the same id.
+
+    Compared by content, never identity: two tokenizers loaded from different folders with the
+    same vocabulary are the same here. Special-token *roles* (which token is EOS) are not
+    compared: a reference only scores the ids the policy's tokenizer produced, so an instruct
+    tokenizer whose EOS is another token of the same vocabulary is still compatible.
+    """
+    if len(policy) != len(other):
+        return [f"vocabulary sizes differ ({len(policy)} vs {len(other)} tokens)"]
+    mine, theirs = policy.get_vocab(), other.get_vocab()
+    if mine == theirs:
+        return []
+    for token in policy.all_special_tokens:
+        if theirs.get(token) != mine.get(token):
+            return [f"special token {token!r} has id {mine.get(token)} vs {theirs.get(token)}"]
+    token = min(t for t in set(mine) | set(theirs) if mine.get(t) != theirs.get(t))
+    return [f"token {token!r} has id {mine.get(token)} vs {theirs.get(token)}"]

@@ -9,6 +9,7 @@ none            NoReference           none: reference-free losses only (simpo, o
 precomputed     PrecomputedReference  one pass before training, cached on disk, looked up per batch
 adapter         AdapterReference      the LoRA policy with its adapter disabled (``model.lora``)
 sync            SyncReference         TR-DPO: a copy moved toward the policy every N steps
+model           ModelReference        a separate frozen checkpoint (``reference.name_or_path``)
 ==============  ====================  ==============================================================
 
 Strategies read batches through the stage's forward engine and the data layer's conventions;
@@ -24,6 +25,7 @@ from dpo_lightning.reference.base import (
     check_pairing,
     frozen_copy,
 )
+from dpo_lightning.reference.model import ModelReference
 from dpo_lightning.reference.precomputed import PrecomputedReference
 from dpo_lightning.reference.sync import ReferenceSync, SyncReference, soft_update
 
@@ -31,6 +33,7 @@ __all__ = [
     "AdapterReference",
     "AutoReference",
     "CopyReference",
+    "ModelReference",
     "NoReference",
     "PrecomputedReference",
     "ReferenceStrategy",

@@ -7,6 +7,8 @@ receives as arguments:
 
 * :meth:`ReferenceStrategy.for_loss` (stage construction): checks the pairing with the loss and
   returns the strategy to use (``auto`` picks one);
+* :meth:`ReferenceStrategy.check_tokenizer` (stage construction, when the stage has the policy's
+  tokenizer): a strategy with its own checkpoint checks that it shares it;
 * :meth:`ReferenceStrategy.build` (stage construction): builds what it holds from the policy;
 * :meth:`ReferenceStrategy.prepare` (``setup``): the trainer, its data and ranks exist;
 * :meth:`ReferenceStrategy.completion_logps` (every step): reference statistics of a batch;
@@ -41,6 +43,8 @@ class ReferenceStrategy(nn.Module):
     #: True when :attr:`model` is rebuilt from its source at every start (a frozen copy): then it
     #: is left out of checkpoints, which hold one copy of the weights.
     rebuilt_on_start: bool = False
+    #: Under FSDP2, keep :attr:`model`'s shards in CPU memory (``fully_shard``'s CPU offload).
+    offload: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -50,6 +54,10 @@ class ReferenceStrategy(nn.Module):
         """The strategy to use with ``loss``: this one, once the pairing is checked."""
         check_pairing(loss, self)
         return self
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Called before :meth:`build` with the policy's tokenizer: a strategy that loads a model
+        of its own refuses one whose tokenizer differs (one line, before its weights load)."""
 
     def build(self, policy: nn.Module) -> None:
         """Build what the strategy holds from the initial policy (a frozen copy, ...)."""

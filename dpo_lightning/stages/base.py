@@ -29,6 +29,8 @@ class PolicyModule(L.LightningModule):
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         engine: batch layout + forward (``conf/engine``; the same object built the DataModule's
             collator); default: padded rows.
+        tokenizer: the policy's tokenizer (``train.py`` passes it to every stage; None when a
+            stage is built by hand), for parts that must agree with it.
 
     Subclasses implement ``_shared_step(batch, stage) -> loss`` (stage ``train`` or ``val``).
     """
@@ -39,9 +41,11 @@ class PolicyModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         engine: ForwardEngine | None = None,
+        tokenizer: Any = None,
     ) -> None:
         super().__init__()
         self.policy = policy
+        self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.engine = engine or PaddedEngine()

@@ -38,6 +38,8 @@ class DPOModule(PolicyModule):
         reference: where reference log-probs come from (``conf/reference``; default: a frozen copy
             of ``policy``); ``reference.for_loss(loss)`` checks the pairing and picks for ``auto``.
         engine: batch layout + forward (``conf/engine``; default: padded rows, full logits).
+        tokenizer: the policy's tokenizer; a reference with a checkpoint of its own
+            (``reference=model``) is checked against it before its weights load.
 
     Batches come from the engine's collator: B completions and P pairs given as ``chosen_idx`` /
     ``rejected_idx`` into them.
@@ -51,10 +53,13 @@ class DPOModule(PolicyModule):
         scheduler: Callable[..., Any] | None = None,
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
+        tokenizer: Any = None,
     ) -> None:
-        super().__init__(policy, optimizer, scheduler, engine)
+        super().__init__(policy, optimizer, scheduler, engine, tokenizer)
         self.loss_fn = loss
         self.reference = (reference or CopyReference()).for_loss(loss)
+        if tokenizer is not None:
+            self.reference.check_tokenizer(tokenizer)
         self.reference.build(policy)
 
     @property
@@ -72,11 +77,13 @@ class DPOModule(PolicyModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
 
-    # FSDP2 (trainer=fsdp): shards the policy and the reference's model; a no-op elsewhere.
+    # FSDP2 (trainer=fsdp): shards the policy and the reference's model (its shards in CPU
+    # memory with reference.offload); a no-op elsewhere.
     def configure_model(self) -> None:
         strategy = self.trainer.strategy if self._trainer is not None else None
         frozen = [] if self.reference.model is None else [self.reference.model]
-        apply_parallelism(strategy, self.policy, frozen)
+        offloaded, frozen = (frozen, []) if self.reference.offload else ([], frozen)
+        apply_parallelism(strategy, self.policy, frozen, offloaded)
 
     def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)

@@ -94,6 +94,7 @@ class RewardModelModule(PolicyModule):
         engine: ForwardEngine | None = None,
         center_rewards_coefficient: float = 0.0,
         pad_token_id: int | None = None,
+        tokenizer: Any = None,
     ) -> None:
         if engine is not None and not engine.row_per_completion:
             raise ValueError(
@@ -101,7 +102,7 @@ class RewardModelModule(PolicyModule):
                 f"{type(engine).__name__} packs them: use engine=padded"
             )
         model = reward_model_from_causal_lm(policy, pad_token_id)
-        super().__init__(model, optimizer, scheduler, engine)
+        super().__init__(model, optimizer, scheduler, engine, tokenizer)
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
