@@ -2,7 +2,9 @@
 
 Every loss takes per-*pair* summed log-probs ``policy_chosen_logps, policy_rejected_logps,
 reference_chosen_logps, reference_rejected_logps`` (P,) plus the keyword arguments
-``chosen_lengths``/``rejected_lengths`` (P,) and returns ``(losses, chosen_rewards,
+``chosen_lengths``/``rejected_lengths`` (P,) (and ``mean_chosen_length``, 0-d: the global
+batch's mean chosen length, which the token-level NLL terms of RPO/ORPO/SFT divide by so the loss
+does not depend on how the batch is split across ranks) and returns ``(losses, chosen_rewards,
 rejected_rewards)``, each (P,). The training loop reduces and logs; it never checks a loss by
 name, it reads :attr:`PreferenceLoss.is_reference_free`. Pure torch: imports no Lightning and
 nothing else of the package.

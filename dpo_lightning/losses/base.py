@@ -82,7 +82,11 @@ class PreferenceLoss(nn.Module):
 
 @dataclass
 class PairLogps:
-    """The inputs of one batch of pairs, each (P,): summed log-probs and completion token counts."""
+    """The inputs of one batch of pairs, each (P,): summed log-probs and completion token counts.
+
+    ``mean_chosen_length`` (0-d) is ``Σ |yw| / P`` over the *global* batch (every data-parallel
+    rank) when the caller knows it; None means this batch's own mean (one process).
+    """
 
     policy_chosen: Tensor
     policy_rejected: Tensor
@@ -90,6 +94,7 @@ class PairLogps:
     reference_rejected: Tensor | None = None
     chosen_lengths: Tensor | None = None
     rejected_lengths: Tensor | None = None
+    mean_chosen_length: Tensor | None = None
 
     @property
     def chosen_logratios(self) -> Tensor:
@@ -148,6 +153,7 @@ class ReferenceLoss(PreferenceLoss):
             reference_rejected_logps,
             kwargs.get("chosen_lengths"),
             kwargs.get("rejected_lengths"),
+            kwargs.get("mean_chosen_length"),
         )
         losses = self.pair_losses(pair)
         return losses, *implicit_rewards(self.beta, pair.chosen_logratios, pair.rejected_logratios)
@@ -175,6 +181,7 @@ class ReferenceFreeLoss(PreferenceLoss):
             policy_rejected_logps,
             chosen_lengths=kwargs.get("chosen_lengths"),
             rejected_lengths=kwargs.get("rejected_lengths"),
+            mean_chosen_length=kwargs.get("mean_chosen_length"),
         )
         require_lengths(
             type(self).__name__,
@@ -202,14 +209,22 @@ def implicit_rewards(
     return beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
 
 
-def batch_token_nll(chosen_logps: Tensor, chosen_lengths: Tensor) -> Tensor:
+def batch_token_nll(
+    chosen_logps: Tensor, chosen_lengths: Tensor, mean_length: Tensor | None = None
+) -> Tensor:
     """Per-pair NLL whose mean over pairs is the token-mean NLL of the chosen completions.
 
     ``-log π(yw_i) / mean_j |yw_j|``: averaging this over the P pairs gives
     ``-Σ log π(yw) / Σ |yw|``, the cross-entropy TRL 1.16's ``nll_loss`` (RPO, ORPO, SFT) computes over a
     batch. Shapes (P,), (P,) -> (P,).
+
+    ``mean_length`` (0-d): the mean over the global batch (all data-parallel ranks) instead of
+    this batch's. With it, the mean over the global pairs is the global token mean exactly, so W
+    ranks × b pairs give the loss of one process × W·b pairs (a per-rank mean length would weigh
+    each rank's tokens by 1/its own length).
     """
-    return -chosen_logps / chosen_lengths.float().mean().clamp(min=1.0)
+    mean = chosen_lengths.float().mean() if mean_length is None else mean_length
+    return -chosen_logps / mean.clamp(min=1.0)
 
 
 def per_token(logps: Tensor, lengths: Tensor) -> Tensor:

@@ -172,5 +172,5 @@ class RPOLoss(ReferenceLoss):
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         require_lengths("RPOLoss", chosen_lengths=pair.chosen_lengths)
-        nll = batch_token_nll(pair.policy_chosen, pair.chosen_lengths)
+        nll = batch_token_nll(pair.policy_chosen, pair.chosen_lengths, pair.mean_chosen_length)
         return -F.logsigmoid(self.beta * pair.logits) + self.alpha * nll

@@ -70,7 +70,7 @@ class ORPOLoss(ReferenceFreeLoss):
         c = per_token(pair.policy_chosen, pair.chosen_lengths)
         r = per_token(pair.policy_rejected, pair.rejected_lengths)
         log_odds = (c - r) - (torch.log1p(-torch.exp(c)) - torch.log1p(-torch.exp(r)))
-        nll = batch_token_nll(pair.policy_chosen, pair.chosen_lengths)
+        nll = batch_token_nll(pair.policy_chosen, pair.chosen_lengths, pair.mean_chosen_length)
         return nll - self.beta * F.logsigmoid(log_odds)
 
     def rewards(self, pair: PairLogps) -> tuple[Tensor, Tensor]:
@@ -87,4 +87,4 @@ class SFTLoss(ReferenceFreeLoss):
     """
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
-        return batch_token_nll(pair.policy_chosen, pair.chosen_lengths)
+        return batch_token_nll(pair.policy_chosen, pair.chosen_lengths, pair.mean_chosen_length)

@@ -1,19 +1,27 @@
-"""FSDP2 for DPO: shard the policy *and* the frozen reference per decoder layer.
+"""FSDP2 for every stage: shard the trained model *and* any frozen one per decoder layer.
 
 Lightning's :class:`~lightning.pytorch.strategies.ModelParallelStrategy` sets up the process
 group and a device mesh, then calls ``LightningModule.configure_model``; there
-:func:`apply_parallelism` calls ``torch.distributed.fsdp.fully_shard`` on every decoder layer and
-then on the whole model, for the policy and every frozen model the stage holds alike
+:func:`apply_parallelism` (called once, by :class:`~dpo_lightning.stages.base.PolicyModule`, for
+DPO, SFT and the reward model alike) calls ``torch.distributed.fsdp.fully_shard`` on every decoder
+layer and then on the whole model, for the policy and every frozen model the stage holds alike
 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html). The optimizer is built
 afterwards from the policy's (now DTensor) parameters only, so a reference is never in it.
 
     dpo-train trainer=fsdp trainer.devices=8                 # bf16 params, fp32 gradient reduce
     dpo-train trainer=fsdp_cpu                               # 2 CPU processes (gloo), CI
+    dpo-train trainer=fsdp_cpu stage=sft                     # any stage (sft, reward_model)
     dpo-train trainer=fsdp trainer.strategy.activation_checkpointing=true
 
 Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) and hold the
 reference too; the ``hf_model/`` export is re-assembled from the shards by
-:func:`full_policy_state_dict` (which also gathers DeepSpeed ZeRO-3 partitions).
+:func:`full_state_dict` (which also gathers DeepSpeed ZeRO-3 partitions).
+
+The mesh is read by dimension name, so a 2-D mesh extends it without touching the stages:
+:func:`parallelize` is where a tensor-parallel plan over ``mesh["tensor_parallel"]`` goes before
+``fully_shard`` over ``mesh["data_parallel"]``, and :func:`data_parallel_group` is the group over
+which batches differ (losses are normalised over it, see ``PolicyModule.reduce_loss``): ranks of
+one tensor-parallel group hold the same batch and must not be counted twice.
 """
 
 from __future__ import annotations
@@ -21,8 +29,9 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch import nn
+import torch.distributed as dist
+from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from dpo_lightning.models.loading import DTYPES
@@ -105,6 +114,26 @@ def shard_model(model: nn.Module, mesh: Any, settings: dict[str, Any], offload: 
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
+def shard_settings(strategy: Any) -> dict[str, Any]:
+    """The ``fully_shard`` knobs of an :class:`FSDP2Strategy` (defaults for a plain
+    ``ModelParallelStrategy``)."""
+    return {
+        "param_dtype": getattr(strategy, "param_dtype", None),
+        "reduce_dtype": getattr(strategy, "reduce_dtype", None),
+        "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
+    }
+
+
+def parallelize(model: nn.Module, mesh: Any, settings: dict[str, Any], offload: bool = False) -> None:
+    """Apply the strategy's parallelism to one model, by mesh dimension.
+
+    Today: FSDP2 over ``mesh["data_parallel"]`` (shards kept in CPU memory with ``offload``). A
+    tensor-parallel plan (``parallelize_module`` over ``mesh["tensor_parallel"]``) must run before
+    this shard, on the same model, which is why the whole mesh is passed here.
+    """
+    shard_model(model, mesh["data_parallel"], settings, offload=offload)
+
+
 def apply_parallelism(
     strategy: Any, policy: nn.Module, frozen: list[nn.Module], offloaded: list[nn.Module] | None = None
 ) -> bool:
@@ -117,19 +146,42 @@ def apply_parallelism(
     """
     if not isinstance(strategy, ModelParallelStrategy) or is_sharded(policy):
         return False
-    settings = {
-        "param_dtype": getattr(strategy, "param_dtype", None),
-        "reduce_dtype": getattr(strategy, "reduce_dtype", None),
-        "reshard_after_forward": getattr(strategy, "reshard_after_forward", True),
-    }
     if getattr(strategy, "activation_checkpointing", False):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mesh = strategy.device_mesh["data_parallel"]
+    settings = shard_settings(strategy)
     for model in (policy, *frozen):
-        shard_model(model, mesh, settings)
+        parallelize(model, strategy.device_mesh, settings)
     for model in offloaded or []:
-        shard_model(model, mesh, settings, offload=True)
+        parallelize(model, strategy.device_mesh, settings, offload=True)
     return True
+
+
+def data_parallel_group(strategy: Any) -> Any:
+    """The process group whose ranks see different batches: the ``data_parallel`` mesh
+    dimension under a ``ModelParallelStrategy``, else ``None`` (every rank: DDP, DeepSpeed)."""
+    if isinstance(strategy, ModelParallelStrategy):
+        return strategy.device_mesh["data_parallel"].get_group()
+    return None
+
+
+def sum_over_data_parallel(values: Tensor, strategy: Any) -> tuple[Tensor, int]:
+    """``(Σ over data-parallel ranks of values, number of those ranks)``; ``values`` as is
+    (and 1) in a single process. Collective: every rank of the group must call it."""
+    if strategy is None or not dist.is_available() or not dist.is_initialized():
+        return values, 1
+    group = data_parallel_group(strategy)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return values, 1
+    total = values.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total, world
+
+
+def grads_on_parameters(strategy: Any) -> bool:
+    """Whether gradients live in ``param.grad`` between backward and the optimizer step (not
+    under DeepSpeed, whose engine keeps and scales them itself)."""
+    return not isinstance(strategy, DeepSpeedStrategy)
 
 
 def is_sharded(model: nn.Module) -> bool:

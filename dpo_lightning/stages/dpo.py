@@ -4,7 +4,8 @@ Supports / assumptions: any loss of :mod:`dpo_lightning.losses` (a reference-fre
 reference forward: the stage reads ``is_reference_free``, never a name); pairs and K-wise
 rankings alike (batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index
 API of :func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards
-the policy and the reference's model together in :meth:`DPOModule.configure_model`).
+the policy and the reference's model together, see :meth:`DPOModule.frozen_models`; the loss is a
+mean over the global batch's pairs, its token-level terms over the global chosen tokens).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
 from dpo_lightning.losses import PreferenceLoss
-from dpo_lightning.models.parallel import apply_parallelism, is_sharded
+from dpo_lightning.models.parallel import is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
 from dpo_lightning.stages.base import PolicyModule
 from dpo_lightning.stages.metrics import preference_metrics
@@ -77,13 +78,15 @@ class DPOModule(PolicyModule):
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
 
-    # FSDP2 (trainer=fsdp): shards the policy and the reference's model (its shards in CPU
-    # memory with reference.offload); a no-op elsewhere.
-    def configure_model(self) -> None:
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        frozen = [] if self.reference.model is None else [self.reference.model]
-        offloaded, frozen = (frozen, []) if self.reference.offload else ([], frozen)
-        apply_parallelism(strategy, self.policy, frozen, offloaded)
+    # FSDP2 (trainer=fsdp) shards the reference's model with the policy
+    # (PolicyModule.configure_model); with reference.offload its shards stay in CPU memory.
+    def frozen_models(self) -> list[nn.Module]:
+        model = self.reference.model
+        return [] if model is None or self.reference.offload else [model]
+
+    def offloaded_models(self) -> list[nn.Module]:
+        model = self.reference.model
+        return [model] if model is not None and self.reference.offload else []
 
     def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)
@@ -98,6 +101,8 @@ class DPOModule(PolicyModule):
         )
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
+        # Token-level terms (RPO/ORPO/SFT NLL) divide by the global batch's mean chosen length.
+        (pairs, chosen_tokens), _ = self.global_sum(float(ci.numel()), policy.lengths[ci].sum())
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             policy.logps[ci],
             policy.logps[ri],
@@ -106,7 +111,9 @@ class DPOModule(PolicyModule):
             chosen_lengths=policy.lengths[ci],
             rejected_lengths=policy.lengths[ri],
             chosen_nll=chosen_nll,
+            mean_chosen_length=chosen_tokens / pairs.clamp(min=1.0),
         )
+        loss, value = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # mean over global pairs
         metrics = preference_metrics(
             losses,
             chosen_rewards,
@@ -116,16 +123,11 @@ class DPOModule(PolicyModule):
             policy.mean_logits[ci],
             policy.mean_logits[ri],
         )
-        pairs = int(batch["num_pairs"])
-        self.log_stage(metrics, stage, pairs)
-        self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, pairs, prog_bar=True, logger=False)
-        return losses.mean()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # Before clipping: the norm the optimizer would have seen unclipped.
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+        metrics["loss"] = value
+        n = int(batch["num_pairs"])
+        self.log_stage(metrics, stage, n)
+        self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, n, prog_bar=True, logger=False)
+        return loss
 
     # A reference rebuilt at every start stays out of checkpoints, so a checkpoint holds one copy
     # of the weights. Sharded (FSDP2) checkpoints load key by key into the live module (DCP has

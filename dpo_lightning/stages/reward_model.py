@@ -11,7 +11,9 @@ of the ranking, as for DPO. ``hf_model/`` is an ``AutoModelForSequenceClassifica
 held-out pairs whose chosen completion gets the higher reward.
 
 Supports / assumptions: HF architectures with an ``*ForSequenceClassification`` class whose head
-is a linear ``score``; padded rows only (``engine=padded``); no LoRA yet.
+is a linear ``score``; padded rows only (``engine=padded``); no LoRA yet; every strategy (FSDP2
+shards the classification model per decoder layer; the loss is a mean over the global batch's
+pairs, see :meth:`~dpo_lightning.stages.base.PolicyModule.reduce_loss`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def reward_model_from_causal_lm(lm: PreTrainedModel, pad_token_id: int | None = 
     config = copy.deepcopy(lm.config)
     config.num_labels = 1
     config.pad_token_id = pad_token_id if pad_token_id is not None else config.eos_token_id
+    if config.pad_token_id is None:  # HF's forward refuses batches of more than one row without it
+        raise ValueError("the model config has no EOS id to pad with: set stage.module.pad_token_id")
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config, dtype=lm.dtype)
     if not isinstance(getattr(model, "score", None), nn.Linear):
@@ -60,15 +64,27 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def sequence_rewards(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Scalar reward per row from the head applied to the last real token: (B, T) -> (B,)."""
-    hidden = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-    return model.score(last).squeeze(-1).float()  # (B,)
+    """Scalar reward per row from the head applied to the last real token: (B, T) -> (B,).
+
+    Runs the model's own ``forward`` (under FSDP2 its root hooks gather the embeddings and the
+    head; calling the backbone directly would skip them) and reads the head's per-position output
+    at :func:`last_token_index`. HF's own pooling (the last position whose id is not the pad id)
+    is not used: it misses a final EOS when the pad id is the EOS id.
+    """
+    scores: list[Tensor] = []
+    hook = model.score.register_forward_hook(lambda _module, _args, out: scores.append(out))
+    try:
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    per_position = scores[-1].squeeze(-1)  # (B, T)
+    rows = torch.arange(per_position.shape[0], device=per_position.device)
+    return per_position[rows, last_token_index(attention_mask)].float()  # (B,)
 
 
 class RewardModelModule(PolicyModule):
@@ -112,12 +128,12 @@ class RewardModelModule(PolicyModule):
         rewards = self(batch)  # (B,)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
         losses = reward_model_loss(rewards, ci, ri)  # (P,)
-        loss = losses.mean()
         if self.center_rewards_coefficient:
-            loss = loss + self.center_rewards_coefficient * ((rewards[ci] + rewards[ri]) ** 2).mean()
+            losses = losses + self.center_rewards_coefficient * (rewards[ci] + rewards[ri]) ** 2
+        loss, value = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # mean over global pairs
         chosen, rejected = rewards[ci].detach(), rewards[ri].detach()
         metrics = {
-            "loss": loss.detach(),
+            "loss": value,
             "rewards/accuracies": (chosen > rejected).float().mean(),  # held-out: val/...
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),

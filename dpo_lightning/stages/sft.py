@@ -12,7 +12,9 @@ token is trained on.
     dpo-train model=hf model.name_or_path=/tmp/sft/hf_model       # then DPO from the SFT model
 
 Supports / assumptions: both engines (the padded one forwards only the trained rows; the packed
-one computes every completion of its row and keeps the trained ones).
+one computes every completion of its row and keeps the trained ones); every strategy (the token
+mean is over the global batch: all ranks and all micro-batches of a step, see
+:meth:`~dpo_lightning.stages.base.PolicyModule.reduce_loss`).
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ class SFTModule(PolicyModule):
     Args: those of :class:`~dpo_lightning.stages.base.PolicyModule` (policy, optimizer,
     scheduler, engine).
 
-    Forwards the completions :func:`sft_rows` selects. Logs ``{train,val}/loss`` (token NLL) and
-    ``{train,val}/ppl``.
+    Forwards the completions :func:`sft_rows` selects; the loss is :func:`token_nll` over the
+    global batch. Logs ``{train,val}/loss`` (token NLL of the global batch) and ``{train,val}/ppl``.
     """
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
         stats = self.engine(self.policy, batch, rows)
-        loss = token_nll(stats.logps, stats.lengths)
+        loss, nll = self.reduce_loss(-stats.logps.sum(), stats.lengths.sum(), stage)
         n = int(rows.numel())
-        self.log_stage({"loss": loss, "ppl": loss.detach().exp()}, stage, n, prog_bar=True)
+        self.log_stage({"loss": nll, "ppl": nll.exp()}, stage, n, prog_bar=True)
         return loss
