@@ -41,6 +41,10 @@ class ReferenceStrategy(nn.Module):
     #: True when :attr:`model` is rebuilt from its source at every start (a frozen copy): then it
     #: is left out of checkpoints, which hold one copy of the weights.
     rebuilt_on_start: bool = False
+    #: True when reference statistics come from a model run on the batch at hand, so any row and
+    #: any optional output (per-token log-probs) can be asked for; False for a cache of summed
+    #: log-probs of the data set's rows (``precomputed``).
+    live: bool = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,27 +1,36 @@
 """The DPO stage: a trainable policy, a reference strategy, a preference loss, a forward engine.
 
-Supports / assumptions: any loss of :mod:`dpo_lightning.losses` (a reference-free one skips the
-reference forward: the stage reads ``is_reference_free``, never a name); pairs and K-wise
-rankings alike (batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index
-API of :func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards
-the policy and the reference's model together in :meth:`DPOModule.configure_model`).
+Supports / assumptions: any loss of :mod:`dpo_lightning.losses`, read only through what it
+declares, never its name: ``is_reference_free`` (skip the reference forward), ``extra_inputs``
+(optional per-token statistics, :mod:`~dpo_lightning.stages.inputs`), ``unpaired`` (batches of
+labelled completions instead of pairs, :mod:`~dpo_lightning.stages.unpaired`) and
+``needs_mismatched`` (forward the batch's mismatched rows for a KL estimate); an optional
+``weighting`` wrapper around the loss (``weighting=wpo``); pairs and K-wise rankings alike
+(batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index API of
+:func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards the
+policy and the reference's model together in :meth:`DPOModule.configure_model`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
-from dpo_lightning.losses import PreferenceLoss
+from dpo_lightning.losses import PreferenceLoss, UnpairedLoss
 from dpo_lightning.models.parallel import apply_parallelism, is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
-from dpo_lightning.stages.base import PolicyModule
+from dpo_lightning.run.errors import UserError
+from dpo_lightning.stages.base import PolicyModule, model_flops_per_token
+from dpo_lightning.stages.inputs import extra_inputs
 from dpo_lightning.stages.metrics import preference_metrics
+from dpo_lightning.stages.unpaired import check_data_matches_loss, require_unpaired_batch, unpaired_metrics
 
 #: State-dict prefix of the reference strategy (its model, when it owns one).
 REFERENCE_PREFIX = "reference."
@@ -32,30 +41,45 @@ class DPOModule(PolicyModule):
 
     Args:
         policy: the causal LM being trained (a HF ``PreTrainedModel``).
-        loss: a :class:`~dpo_lightning.losses.PreferenceLoss` (``conf/loss/*.yaml``).
+        loss: a :class:`~dpo_lightning.losses.PreferenceLoss`, or an
+            :class:`~dpo_lightning.losses.UnpairedLoss` for labelled completions (``conf/loss/*.yaml``).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         reference: where reference log-probs come from (``conf/reference``; default: a frozen copy
             of ``policy``); ``reference.for_loss(loss)`` checks the pairing and picks for ``auto``.
         engine: batch layout + forward (``conf/engine``; default: padded rows, full logits).
+        weighting: ``loss -> loss`` wrapper applied once here (``conf/weighting``: ``wpo``), or None.
 
     Batches come from the engine's collator: B completions and P pairs given as ``chosen_idx`` /
-    ``rejected_idx`` into them.
+    ``rejected_idx`` into them (unpaired data: B labelled completions, ``completion_labels``).
     """
 
     def __init__(
         self,
         policy: nn.Module,
-        loss: PreferenceLoss,
+        loss: PreferenceLoss | UnpairedLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
+        weighting: Callable[[PreferenceLoss], PreferenceLoss] | None = None,
     ) -> None:
         super().__init__(policy, optimizer, scheduler, engine)
-        self.loss_fn = loss
-        self.reference = (reference or CopyReference()).for_loss(loss)
+        self.loss_fn = loss if weighting is None else weighting(loss)
+        self.reference = (reference or CopyReference()).for_loss(self.loss_fn)
+        # What the forwards compute beyond summed log-probs: only what the loss reads.
+        self.extra_inputs = extra_inputs(self.loss_fn.extra_inputs, type(self.loss_fn).__name__)
+        self.policy_outputs = frozenset().union(*(e.policy for e in self.extra_inputs))
+        self.reference_outputs = frozenset().union(*(e.reference for e in self.extra_inputs))
+        needs_model = bool(self.reference_outputs) or getattr(self.loss_fn, "needs_mismatched", False)
+        if needs_model and not self.reference.live:
+            raise UserError(
+                f"loss {type(self.loss_fn).__name__} needs reference statistics a cache of summed "
+                f"log-probs cannot give (per-token log-probs, or rows built per batch); "
+                f"reference={type(self.reference).__name__} is such a cache: use reference=copy"
+            )
         self.reference.build(policy)
+        self._balance_checked = False
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -67,7 +91,19 @@ class DPOModule(PolicyModule):
     # The reference strategy may need the trainer and data (a precomputed cache) or callbacks
     # (a reference that follows the policy); it is asked, never inspected.
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        check_data_matches_loss(self.loss_fn, datamodule)  # before a reference pass: one line
+        self._warn_label_balance(datamodule)
         self.reference.prepare(self.trainer, self.policy, self.engine)
+
+    def _warn_label_balance(self, datamodule: Any) -> None:
+        counts = getattr(datamodule, "label_counts", lambda: None)()
+        if counts is None or self._balance_checked or not hasattr(self.loss_fn, "balance_warning"):
+            return
+        self._balance_checked = True
+        message = self.loss_fn.balance_warning(*counts)
+        if message:
+            rank_zero_warn(message)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
@@ -81,16 +117,30 @@ class DPOModule(PolicyModule):
     def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        shared = EngineBatch(batch)  # what policy and reference derive once (the packed mask)
+    def _forwards(self, batch: dict[str, Any]) -> tuple[CompletionStats, CompletionStats | None]:
+        """Policy and reference statistics of every completion, with the outputs the loss reads."""
+        shared = EngineBatch(batch, outputs=self.policy_outputs)  # the packed mask is derived once
         policy = self(shared)
-        reference = (
-            None
-            if self.loss_fn.is_reference_free
-            else self.reference.completion_logps(shared, self.policy, self.engine)
-        )
+        if self.loss_fn.is_reference_free:
+            return policy, None
+        # The same derived state, the reference's own optional outputs.
+        reference_batch = dataclasses.replace(shared, outputs=self.reference_outputs)
+        return policy, self.reference.completion_logps(reference_batch, self.policy, self.engine)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        if self.loss_fn.unpaired:
+            return self._unpaired_step(batch, stage)
+        policy, reference = self._forwards(batch)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
+        if ci.numel() == 0:
+            raise UserError(
+                f"loss {type(self.loss_fn).__name__} trains on pairs but this batch has none "
+                "(unpaired rows: use loss=kto or loss=bco)"
+            )
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
+        kwargs = {}
+        for extra in self.extra_inputs:
+            kwargs |= extra.build(policy, reference, ci, ri)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             policy.logps[ci],
             policy.logps[ri],
@@ -99,6 +149,7 @@ class DPOModule(PolicyModule):
             chosen_lengths=policy.lengths[ci],
             rejected_lengths=policy.lengths[ri],
             chosen_nll=chosen_nll,
+            **kwargs,
         )
         metrics = preference_metrics(
             losses,
@@ -113,6 +164,45 @@ class DPOModule(PolicyModule):
         self.log_stage(metrics, stage, pairs)
         self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, pairs, prog_bar=True, logger=False)
         return losses.mean()
+
+    def _unpaired_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        """Labelled completions (KTO, BCO): per-row losses, metrics over desirable / undesirable rows."""
+        require_unpaired_batch(batch, self.loss_fn)
+        policy, reference = self._forwards(batch)
+        kwargs = self._mismatched_logps(batch) if self.loss_fn.needs_mismatched else {}
+        labels = batch["completion_labels"]
+        losses, rewards, extra = self.loss_fn(
+            policy.logps,
+            None if reference is None else reference.logps,
+            labels,
+            lengths=policy.lengths,
+            **kwargs,
+        )
+        groups = unpaired_metrics(
+            losses, rewards, policy.logps, policy.mean_logits, labels, extra, self._reduce_sum
+        )
+        for metrics, rows in groups:
+            self.log_stage(metrics, stage, rows)
+        return losses.mean()
+
+    def _mismatched_logps(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Summed log-probs of the batch's mismatched rows under policy and reference (no grad: the
+        KL estimate they give is detached). A one-prompt batch has none."""
+        rows = batch.get("mismatched")
+        if rows is None:
+            empty = batch["completion_labels"].new_zeros(0, dtype=torch.float32)
+            return {"policy_kl_logps": empty, "reference_kl_logps": empty}
+        shared = EngineBatch(rows)
+        with torch.no_grad():
+            policy = self(shared)
+        reference = self.reference.completion_logps(shared, self.policy, self.engine)
+        if self.flops_per_batch is not None:  # two forward-only passes more (policy and reference)
+            params = sum(p.numel() for p in self.policy.parameters()) + self.forward_only_params()
+            self.flops_per_batch += model_flops_per_token(params, training=False) * int(rows["num_tokens"])
+        return {"policy_kl_logps": policy.logps, "reference_kl_logps": reference.logps}
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor if self._trainer is None else self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the optimizer would have seen unclipped.

@@ -26,8 +26,11 @@ from dpo_lightning.stages.base import PolicyModule
 
 
 def sft_rows(batch: dict[str, Any]) -> Tensor:
-    """Indices (R,) of the completions SFT trains on: those that win some pair, or every one
-    when the batch has no pairs (plain text). A completion chosen in several pairs counts once."""
+    """Indices (R,) of the completions SFT trains on: those that win some pair, the desirable ones
+    of unpaired (labelled) data, or every one when the batch has neither (plain text). A completion
+    chosen in several pairs counts once."""
+    if "completion_labels" in batch:
+        return torch.nonzero(batch["completion_labels"]).flatten()
     if int(batch["num_pairs"]) == 0:
         return torch.arange(int(batch["num_completions"]), device=batch["input_ids"].device)
     return torch.unique(batch["chosen_idx"])
