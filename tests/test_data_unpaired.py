@@ -4,6 +4,7 @@ stage do not fit."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -26,8 +27,9 @@ from dpo_lightning.data.unpaired import (
 from dpo_lightning.engine import PackedEngine
 from dpo_lightning.losses import DPOLoss, KTOLoss
 from dpo_lightning.run.errors import UserError
-from dpo_lightning.stages.sft import sft_rows
+from dpo_lightning.stages.sft import SFTModule, sft_rows
 from dpo_lightning.stages.unpaired import check_data_matches_loss
+from tests.conftest import make_tiny_model
 from tests.test_data_module import FIXTURES
 
 UNPAIRED, KTO_MIX, IMDB = (FIXTURES / f"{n}.jsonl" for n in ("unpaired", "kto_mix", "imdb"))
@@ -157,6 +159,11 @@ def test_loss_and_data_must_fit(tokenizer):
 def test_sft_trains_on_the_desirable_rows_of_unpaired_batches():
     batch = LabelledCollator(PreferenceCollator(0))(EXAMPLES)
     assert sft_rows(batch).tolist() == [0, 2]
-    assert torch.equal(
-        sft_rows({**batch, "completion_labels": torch.tensor([False] * 3)}), torch.tensor([]).long()
-    )
+    none = {**batch, "completion_labels": torch.tensor([False] * 3)}
+    assert sft_rows(none).numel() == 0
+    # a batch with no desirable row: a zero loss, zero gradients, the step still runs
+    module = SFTModule(make_tiny_model(97), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
+    module.log_dict = module.log = lambda *a, **k: None
+    loss = module._shared_step(none, "train")
+    loss.backward()
+    assert loss.item() == 0 and all(p.grad is None or not p.grad.any() for p in module.policy.parameters())

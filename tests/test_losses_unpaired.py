@@ -176,3 +176,15 @@ def test_reference_point_and_shift_are_averaged_over_ranks(tmp_path):
     mp.spawn(_rank_statistics, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     for rank in (0, 1):
         assert out[rank][0] == pytest.approx(0.6) and out[rank][1] == pytest.approx(3.0)
+
+
+def test_kto_without_mismatched_rows_uses_zero():
+    """A one-prompt batch has no KL rows: z_ref = 0 (no rank has any), the loss stays finite."""
+    empty = torch.zeros(0, dtype=torch.float64)
+    losses, _, metrics = L.KTOLoss(beta=1.0)(
+        t([1.0, -1.0]), t([0.0, 0.0]), LABELS, policy_kl_logps=empty, reference_kl_logps=empty
+    )
+    assert metrics["kl"].item() == 0.0
+    torch.testing.assert_close(losses, t([1 - sig(1.0), 1 - sig(1.0)]))
+    with pytest.raises(ValueError, match="policy_kl_logps"):
+        L.KTOLoss()(t([1.0]), t([0.0]), LABELS[:1])

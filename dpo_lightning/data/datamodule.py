@@ -147,11 +147,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         make_collator = layout.collator if layout is not None else PreferenceCollator
         self.unpair = unpair
-        # Labelled (unpaired) examples also get their mismatched rows; pairs pass through as is.
-        self.collator = LabelledCollator(
-            make_collator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of),
-            self.limits,
-            tokenizer.bos_token_id,
+        self.collator = make_collator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        # What the loaders call: labelled (unpaired) examples also get their mismatched rows.
+        self.collate_fn = LabelledCollator(
+            self.collator, self.limits, getattr(tokenizer, "bos_token_id", None)
         )
         self.reports: dict[str, DataReport] = {}
         self.train_set: datasets.Dataset | None = None
@@ -289,7 +288,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return ResumableDataLoader(
             self._columns(self.train_set),
             sampler,
-            collate_fn=self.collator,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             # A private generator: creating the iterator must not draw from the global RNG
             # (a resumed run restores that RNG and must see the same draws).
@@ -310,7 +309,7 @@ class PreferenceDataModule(L.LightningDataModule):
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=self.collator,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             drop_last=False,
         )

@@ -10,7 +10,8 @@ Two layers:
 * one small ``nn.Module`` per loss, built by ``hydra.utils.instantiate(cfg.loss)``. Every loss
   takes per-*pair* summed log-probs and returns ``(losses, chosen_rewards, rejected_rewards)``,
   each of shape (P,). The training loop reduces and logs; it never checks a loss by name, it
-  reads :attr:`PreferenceLoss.is_reference_free`.
+  reads what the class declares (:attr:`PreferenceLoss.is_reference_free`, ``unpaired``,
+  ``extra_inputs``, ``batch_coupled``).
 """
 
 from __future__ import annotations

@@ -130,13 +130,13 @@ class DPOModule(PolicyModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         if self.loss_fn.unpaired:
             return self._unpaired_step(batch, stage)
-        policy, reference = self._forwards(batch)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
         if ci.numel() == 0:
             raise UserError(
                 f"loss {type(self.loss_fn).__name__} trains on pairs but this batch has none "
                 "(unpaired rows: use loss=kto or loss=bco)"
             )
+        policy, reference = self._forwards(batch)
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
         kwargs = {}
         for extra in self.extra_inputs:

@@ -57,8 +57,12 @@ class SFTModule(PolicyModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
-        stats = self.engine(self.policy, batch, rows)
-        loss = token_nll(stats.logps, stats.lengths)
         n = int(rows.numel())
+        if n == 0:  # unpaired rows, none desirable: no signal; a zero loss on the graph keeps the
+            # step (and DDP's gradient sync) going without training on undesirable text
+            loss = self.engine(self.policy, batch).logps.sum() * 0.0
+        else:
+            stats = self.engine(self.policy, batch, rows)
+            loss = token_nll(stats.logps, stats.lengths)
         self.log_stage({"loss": loss, "ppl": loss.detach().exp()}, stage, n, prog_bar=True)
         return loss
