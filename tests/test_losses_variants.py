@@ -216,6 +216,24 @@ def test_wpo_hand_worked():
     torch.testing.assert_close(losses, t([0.420415]), atol=1e-6, rtol=0)
 
 
+def test_wpo_matches_paper_formula_on_random_inputs():
+    """w(x, y) = exp((1/|y|) Σ_t log[πθ(y_t) / Σ_v πθ(v)²]), token by token, times the inner loss."""
+    policy, reference = random_tokens(LENGTHS, 14), random_tokens(LENGTHS, 15)
+    sq = random_tokens(LENGTHS, 16)
+    losses, _, _ = pair_call(L.WPOWeighting(L.DPOLoss(0.3)), stats(policy, sq), stats(reference), CI, RI)
+    plain, _, _ = pair_call(L.DPOLoss(0.3), stats(policy), stats(reference), CI, RI)
+
+    def w(i):
+        return math.exp(
+            sum(p - s for p, s in zip(policy[i].tolist(), sq[i].tolist(), strict=True)) / len(policy[i])
+        )
+
+    want = [
+        plain[k].item() * w(c) * w(r) for k, (c, r) in enumerate(zip(CI.tolist(), RI.tolist(), strict=True))
+    ]
+    torch.testing.assert_close(losses, t(want))
+
+
 @pytest.mark.parametrize(
     ("inner", "trl_type"),
     [(L.DPOLoss(0.2), "sigmoid"), (L.IPOLoss(0.2), "ipo"), (L.HingeLoss(0.2), "hinge")],

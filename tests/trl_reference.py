@@ -17,9 +17,8 @@ from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
-
-trl_dpo = __import__("trl.trainer.dpo_trainer", fromlist=["DPOTrainer"])
-trl_kto = __import__("trl.trainer.kto_trainer", fromlist=["KTOTrainer"])
+from trl.trainer.dpo_trainer import DPOTrainer
+from trl.trainer.kto_trainer import KTOTrainer
 
 
 def padded(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -95,7 +94,7 @@ def trl_dpo_loss(
     mask, logps = padded(policy)
     _, ref_logps = padded(reference)
     sq = None if policy_sq is None else padded(policy_sq)[1]
-    trainer = object.__new__(trl_dpo.DPOTrainer)
+    trainer = object.__new__(DPOTrainer)
     model = StubLM(logps, sq)
     vars(trainer).update(
         model=model,
@@ -148,7 +147,7 @@ def trl_kto_loss(
             "give the KL rows another width than the main rows (the stub tells them apart by it)"
         )
     model, ref_model = StubLM(logps, kl_log_probs=kl_logps), StubLM(ref_logps, kl_log_probs=ref_kl_logps)
-    trainer = object.__new__(trl_kto.KTOTrainer)
+    trainer = object.__new__(KTOTrainer)
     vars(trainer).update(
         model=model,
         ref_model=ref_model,
