@@ -9,7 +9,18 @@ import pytest
 from tests.conftest import CONF_DIR, run_cli
 from tests.test_data_module import BAD, BAD_LINES, FIXTURES
 
-PRESETS = ["hh_rlhf", "ultrafeedback_binarized", "ultrafeedback", "shp", "tldr", "imdb", "when2call"]
+PRESETS = [
+    "hh_rlhf",
+    "ultrafeedback_binarized",
+    "ultrafeedback",
+    "shp",
+    "tldr",
+    "imdb",
+    "when2call",
+    "kto_mix",
+]
+# What a preset needs besides itself: unpaired rows train with an unpaired loss.
+PRESET_ARGS = {"kto_mix": ["loss=kto"]}
 SMALL = [
     "debug=fast",
     "trainer.max_steps=2",
@@ -36,6 +47,7 @@ def test_preset_trains_from_its_fixture(preset, tmp_path):
         [
             f"data={preset}",
             f"data.path={fixture}",
+            *PRESET_ARGS.get(preset, []),
             *SMALL,
             f"data.cache_dir={tmp_path}/cache",
             f"hydra.run.dir={tmp_path}/run",

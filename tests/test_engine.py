@@ -38,12 +38,13 @@ def _examples(ks=(2, 3, 2), seed=0):
     return out
 
 
-def _module(engine, model):
-    return DPOModule(model, DPOLoss(beta=0.1), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), engine=engine)
+def _module(engine, model, loss=None):
+    loss = loss or DPOLoss(beta=0.1)
+    return DPOModule(model, loss, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), engine=engine)
 
 
-def _loss_and_grads(engine, batch, seed=0):
-    module = _module(engine, make_tiny_model(V, seed=seed))
+def _loss_and_grads(engine, batch, seed=0, loss=None):
+    module = _module(engine, make_tiny_model(V, seed=seed), loss)
     # The reference must differ from the policy, or every reward is 0 and bugs hide.
     with torch.no_grad():
         for p in module.policy.parameters():

@@ -234,13 +234,36 @@ def test_reference_based_loss_without_reference_fails_clearly():
         L.IPOLoss()(t(PC), t(PR), t(RC), t(RR))
 
 
+# What the stage passes a loss that names optional inputs (extra_inputs), for the three pairs.
+EXTRA = {
+    "shared_logps": {
+        "policy_chosen_shared_logps": t([-4.0, -6.0, -3.0]),
+        "policy_rejected_shared_logps": t([-5.0, -6.0, -4.0]),
+        "reference_chosen_shared_logps": t([-5.0, -5.0, -3.5]),
+        "reference_rejected_shared_logps": t([-5.5, -6.5, -3.0]),
+    },
+    "log_sum_sq_probs": {
+        "chosen_log_sum_sq_probs": t([-3.0, -2.0, -1.0]),
+        "rejected_log_sum_sq_probs": t([-4.0] * 3),
+    },
+}
+
+
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_yaml_instantiates_a_loss_with_a_docstring(path):
     loss = instantiate(OmegaConf.load(path))
-    assert isinstance(loss, L.PreferenceLoss)
+    assert isinstance(loss, L.PreferenceLoss | L.UnpairedLoss)
     doc = type(loss).__doc__
     assert re.search(r"``L(_i)? = ", doc), "docstring gives the equation"
     assert "http" in doc or "TRL" in doc, "docstring cites the paper or the TRL loss it matches"
-    losses, chosen_r, rejected_r = call(loss)
+    if loss.unpaired:  # three labelled rows (and their mismatched rows)
+        labels = torch.tensor([True, False, True])
+        losses, rewards, _ = loss(t(PC), t(RC), labels, policy_kl_logps=t(PR), reference_kl_logps=t(RR))
+        assert losses.shape == rewards.shape == (3,) and torch.isfinite(losses).all()
+        return
+    kwargs = {k: v for name in loss.extra_inputs for k, v in EXTRA[name].items()}
+    losses, chosen_r, rejected_r = loss(
+        t(PC), t(PR), t(RC), t(RR), chosen_lengths=t(LC), rejected_lengths=t(LR), **kwargs
+    )
     assert losses.shape == chosen_r.shape == rejected_r.shape == (3,)
     assert torch.isfinite(losses).all()

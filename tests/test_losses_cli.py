@@ -43,6 +43,10 @@ def test_every_issue_loss_has_a_config():
         "rpo",
         "sft",
         "mix",
+        "kto",  # issue 13: unpaired, f-divergence, length-desensitised
+        "bco",
+        "f_dpo",
+        "ld_dpo",
     ]
     assert set(issue) <= set(LOSSES)
 
@@ -67,10 +71,26 @@ def build(overrides, tokenizer):
     )
 
 
+@pytest.fixture(scope="module")
+def unpaired_datamodule(tokenizer):
+    """The same pairs as labelled completions (data.unpair=true), for the unpaired losses."""
+    dm = PreferenceDataModule(
+        tokenizer,
+        generator=functools.partial(sentiment_pairs, n=40),
+        batch_size=4,
+        max_length=96,
+        unpair=True,
+    )
+    dm.setup("fit")
+    return dm
+
+
 @pytest.mark.parametrize("name", LOSSES)
-def test_every_loss_trains_two_steps(name, tokenizer, datamodule):
+def test_every_loss_trains_two_steps(name, tokenizer, datamodule, unpaired_datamodule):
     reference = "none" if name in REFERENCE_FREE else "copy"
     module = build([f"loss={name}", f"reference={reference}"], tokenizer)
+    if module.loss_fn.unpaired:
+        datamodule = unpaired_datamodule
     assert module.loss_fn.is_reference_free == (name in REFERENCE_FREE)
     before = [p.clone() for p in module.policy.parameters()]
     trainer = L.Trainer(

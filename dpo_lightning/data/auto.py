@@ -9,12 +9,15 @@ from typing import Any
 from dpo_lightning.data.chat import ConversationalFormat
 from dpo_lightning.data.formats import ImplicitPromptFormat, RowFormat, StandardFormat
 from dpo_lightning.data.ranked import RankedFormat
+from dpo_lightning.data.unpaired import ConversationalUnpairedFormat, UnpairedFormat
 
 FORMATS: dict[str, type[RowFormat]] = {
     "standard": StandardFormat,
     "implicit_prompt": ImplicitPromptFormat,
     "conversational": ConversationalFormat,
     "ranked": RankedFormat,
+    "unpaired": UnpairedFormat,
+    "unpaired_conversational": ConversationalUnpairedFormat,
 }
 
 
@@ -35,6 +38,9 @@ def detect_one(row: dict[str, Any], columns: dict[str, str | None]) -> str | Non
     completions, scores = get("completions"), get("scores")
     if isinstance(completions, list) and isinstance(scores, list):
         return "ranked"
+    completion, label = get("completion"), get("label")
+    if isinstance(label, bool) and isinstance(completion, str | list):
+        return "unpaired_conversational" if isinstance(completion, list) else "unpaired"
     return None
 
 
@@ -42,7 +48,8 @@ class AutoFormat:
     """Picks a format from the first rows (``data.format=auto``); refuses when unclear.
 
     Detected: ``{prompt, chosen, rejected}`` strings → standard; ``{chosen, rejected}`` strings →
-    implicit_prompt; message lists → conversational; ``{prompt, completions, scores}`` → ranked.
+    implicit_prompt; message lists → conversational; ``{prompt, completions, scores}`` → ranked;
+    ``{prompt, completion, label: bool}`` → unpaired (message lists: unpaired_conversational).
     Anything else (UltraFeedback's raw ``completions`` dicts, SHP, TL;DR) needs a preset or an
     explicit ``data.format``. :meth:`detect` returns the detected format (built with this
     object's columns and system prompt); the DataModule reads rows with that one.

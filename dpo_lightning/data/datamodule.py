@@ -35,6 +35,7 @@ from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
 from dpo_lightning.data.sampler import ResumableSampler
 from dpo_lightning.data.tokenize import Limits
+from dpo_lightning.data.unpaired import LabelledCollator, unpair_example
 from dpo_lightning.data.validate import (
     JSON_SUFFIXES,
     Record,
@@ -44,8 +45,10 @@ from dpo_lightning.data.validate import (
     read_json_records,
 )
 
-# Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``).
+# Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``), and the one
+# unpaired data adds (a bool per completion).
 BATCH_COLUMNS = ["prompt_ids", "completion_ids", "pairs", "row_id"]
+LABELS = "labels"
 
 
 @dataclass
@@ -69,7 +72,10 @@ class PreferenceDataModule(L.LightningDataModule):
         train_split, val_split: split names; a missing ``val_split`` is carved from train.
         val_fraction: share of train held out when the data has no validation split.
         format: a row format object, or a name (``auto``, ``standard``, ``implicit_prompt``,
-            ``conversational``, ``ranked``); default :class:`StandardFormat`.
+            ``conversational``, ``ranked``, ``unpaired``, ``unpaired_conversational``); default
+            :class:`StandardFormat`.
+        unpair: turn every pair into two labelled completions (chosen desirable, rejected
+            undesirable) for unpaired losses (KTO, BCO); unpaired rows are left as they are.
         columns: column mapping merged into the format's (``data.columns.prompt=question``);
             null values leave the format's mapping alone.
         system_prompt: system prompt for every row (overrides the format's).
@@ -115,6 +121,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str | None = None,
         layout: BatchLayout | None = None,
+        unpair: bool = False,
     ) -> None:
         super().__init__()
         if (path is None) == (generator is None):
@@ -139,7 +146,12 @@ class PreferenceDataModule(L.LightningDataModule):
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else None
         make_collator = layout.collator if layout is not None else PreferenceCollator
+        self.unpair = unpair
         self.collator = make_collator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        # What the loaders call: labelled (unpaired) examples also get their mismatched rows.
+        self.collate_fn = LabelledCollator(
+            self.collator, self.limits, getattr(tokenizer, "bos_token_id", None)
+        )
         self.reports: dict[str, DataReport] = {}
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
@@ -153,10 +165,13 @@ class PreferenceDataModule(L.LightningDataModule):
             train = sources[self.train_split]
             sample = [r.row for _, r in zip(range(200), train.records(), strict=False) if r.row is not None]
             self.format = self.format.detect(sample, train.label)
+        fmt = self.format
+        if self.unpair:
+            fmt = lambda row: unpair_example(self.format(row))  # noqa: E731
         rows = {}
         for split, src in sources.items():
             report = self.reports.setdefault(src.label, DataReport(source=src.label, unit=src.unit))
-            rows[split] = (normalize_records(src.records(), self.format, report), report)
+            rows[split] = (normalize_records(src.records(), fmt, report), report)
 
         train_rows, train_report = rows[self.train_split]
         if self.val_split in rows:
@@ -218,7 +233,7 @@ class PreferenceDataModule(L.LightningDataModule):
             batched=True,
             batch_size=256,
             fn_kwargs={"tokenizer": self.tokenizer, "limits": self.limits},
-            remove_columns=raw.column_names,
+            remove_columns=[c for c in raw.column_names if c != LABELS],  # labels pass through
             cache_file_name=str(cache_file),
             new_fingerprint=fp,
             num_proc=self.num_proc if self.num_proc and len(rows) > 1000 else None,
@@ -241,6 +256,21 @@ class PreferenceDataModule(L.LightningDataModule):
         report.rows_kept += len(keep)
         return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
+    @property
+    def unpaired(self) -> bool:
+        """Whether the rows are labelled completions (KTO/BCO) rather than pairs (after setup)."""
+        return self.train_set is not None and LABELS in self.train_set.column_names
+
+    def label_counts(self) -> tuple[int, int] | None:
+        """(desirable, undesirable) completions of the training split; None for paired data."""
+        if not self.unpaired:
+            return None
+        labels = [x for row in self.train_set[LABELS] for x in row]
+        return sum(labels), len(labels) - sum(labels)
+
+    def _columns(self, ds: datasets.Dataset) -> datasets.Dataset:
+        return ds.select_columns([*BATCH_COLUMNS, *([LABELS] if LABELS in ds.column_names else [])])
+
     # -- loaders ----------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         # Seeded per epoch, sharded like DistributedSampler, optionally length-grouped, and
@@ -256,9 +286,9 @@ class PreferenceDataModule(L.LightningDataModule):
             mega_batch_mult=self.group_mega_batch_mult,
         )
         return ResumableDataLoader(
-            self.train_set.select_columns(BATCH_COLUMNS),
+            self._columns(self.train_set),
             sampler,
-            collate_fn=self.collator,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             # A private generator: creating the iterator must not draw from the global RNG
             # (a resumed run restores that RNG and must see the same draws).
@@ -268,18 +298,18 @@ class PreferenceDataModule(L.LightningDataModule):
     def full_dataloaders(self) -> list[DataLoader]:
         """Every train and validation row once, in order and unsharded (for one-off passes such
         as precomputing reference log-probs, whatever rank runs them)."""
-        train = self.train_set.select_columns(BATCH_COLUMNS)
+        train = self._columns(self.train_set)
         return [self._loader(train, self.eval_batch_size, False), self.val_dataloader()]
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set.select_columns(BATCH_COLUMNS), self.eval_batch_size, False)
+        return self._loader(self._columns(self.val_set), self.eval_batch_size, False)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
             ds,
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=self.collator,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             drop_last=False,
         )

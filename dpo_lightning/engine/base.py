@@ -28,10 +28,16 @@ class EngineBatch:
         data: the collator's output dict.
         derived: values built once and shared by every model that reads this batch (policy and
             reference), keyed by what they depend on (see :meth:`once`).
+        outputs: optional statistics the forward must add to its
+            :class:`~dpo_lightning.engine.logps.CompletionStats` (names in
+            :data:`~dpo_lightning.engine.logps.OPTIONAL_OUTPUTS`); none by default, so a step pays
+            only for what its loss reads. ``dataclasses.replace(batch, outputs=...)`` gives another
+            model a different set while sharing ``derived``.
     """
 
     data: dict[str, Any]
     derived: dict[Any, Any] = field(default_factory=dict)
+    outputs: frozenset[str] = frozenset()
 
     def once(self, key: Any, build: Callable[[], Any]) -> Any:
         """``build()`` the first time ``key`` is asked for on this batch; the same value after."""

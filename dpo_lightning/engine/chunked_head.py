@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dpo_lightning.engine.logps import token_logps
+from dpo_lightning.engine.logps import log_sum_sq_probs, token_logps
 
 
 def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -122,4 +122,16 @@ def head_mean_logits(head: nn.Module, hidden: Tensor) -> Tensor:
             mean = hidden.float() @ head.weight.mean(0, dtype=torch.float32)
             return mean + (head.bias.float().mean() if head.bias is not None else 0.0)
         parts = [head(h).float().mean(-1) for h in hidden.split(1024)]
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def head_log_sum_sq_probs(head: nn.Module, hidden: Tensor, chunk_size: int | None) -> Tensor:
+    """(M,) ``log Σ_v p(v)²`` per hidden state (M, H), no gradient, one (chunk, V) block at a time.
+
+    A separate no-grad pass over the head (one more head forward), run only when a loss asks for
+    it (WPO weights); never the full (M, V) logits.
+    """
+    chunk = chunk_size or max(hidden.shape[0], 1)
+    with torch.no_grad():
+        parts = [log_sum_sq_probs(head(h)) for h in hidden.split(chunk)]
         return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from dpo_lightning.engine import doc_attention  # noqa: F401 - registers the packed_sdpa attention
 from dpo_lightning.engine.base import EngineBatch, ForwardEngine
-from dpo_lightning.engine.chunked_head import head_mean_logits, head_token_logps
+from dpo_lightning.engine.chunked_head import head_log_sum_sq_probs, head_mean_logits, head_token_logps
 from dpo_lightning.engine.logps import CompletionStats
 from dpo_lightning.engine.packing import PackedCollator, packed_attention_kwargs
 from dpo_lightning.run.errors import UserError
@@ -95,6 +95,13 @@ class PackedEngine(ForwardEngine):
         logps = head_token_logps(head, predicting, data["target_ids"], self.chunk_size)  # (M,)
         mean_logits = head_mean_logits(head, predicting)  # (M,)
         stats = segment_stats(logps, mean_logits, data["completion_index"], int(data["num_completions"]))
+        if "token_logps" in batch.outputs:  # already in completion order: the row lists them so
+            stats.token_logps = logps
+        if "log_sum_sq_probs" in batch.outputs:
+            per_token = head_log_sum_sq_probs(head, predicting, self.chunk_size)  # (M,), no grad
+            stats.log_sum_sq_probs = per_token.new_zeros(stats.logps.shape[0]).index_add(
+                0, data["completion_index"], per_token
+            )
         # Every completion of the row is computed (packing has no per-row skip): select after.
         return stats if rows is None else stats.select(rows)
 

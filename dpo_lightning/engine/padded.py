@@ -22,4 +22,4 @@ class PaddedEngine(ForwardEngine):
 
     def forward(self, model: nn.Module, batch: EngineBatch, rows: Tensor | None) -> CompletionStats:
         ids, mask, labels = (batch.data[k] if rows is None else batch.data[k][rows] for k in ROW_KEYS)
-        return concatenated_forward(model, ids, mask, labels)
+        return concatenated_forward(model, ids, mask, labels, batch.outputs)

@@ -1,17 +1,21 @@
 """Preference losses: one small ``nn.Module`` per loss, one ``conf/loss/<name>.yaml`` each.
 
-Every loss takes per-*pair* summed log-probs ``policy_chosen_logps, policy_rejected_logps,
-reference_chosen_logps, reference_rejected_logps`` (P,) plus the keyword arguments
-``chosen_lengths``/``rejected_lengths`` (P,) (and ``mean_chosen_length``, 0-d: the global
+Every pairwise loss takes per-*pair* summed log-probs ``policy_chosen_logps,
+policy_rejected_logps, reference_chosen_logps, reference_rejected_logps`` (P,) plus the keyword
+arguments ``chosen_lengths``/``rejected_lengths`` (P,), ``mean_chosen_length`` (0-d: the global
 batch's mean chosen length, which the token-level NLL terms of RPO/ORPO/SFT divide by so the loss
-does not depend on how the batch is split across ranks) and returns ``(losses, chosen_rewards,
-rejected_rewards)``, each (P,). The training loop reduces and logs; it never checks a loss by
-name, it reads :attr:`PreferenceLoss.is_reference_free`. Pure torch: imports no Lightning and
-nothing else of the package.
+does not depend on how the batch is split across ranks) and the optional inputs it names in
+``extra_inputs``, and returns ``(losses, chosen_rewards, rejected_rewards)``, each (P,). Unpaired
+losses (:mod:`~dpo_lightning.losses.unpaired`) take labelled rows instead. The training loop
+reduces and logs; it never checks a loss by name, it reads the attributes the losses declare
+(``is_reference_free``, ``unpaired``, ``needs_mismatched``, ``extra_inputs``). Pure torch:
+imports no Lightning and nothing else of the package.
 
 Files by family: ``base`` (index-API functions, base classes, helpers), ``margin`` (DPO and the
-losses that reshape its margin Δ), ``logratio`` (losses on the chosen and rejected log-ratios
-separately, or on batch-sorted margins), ``reference_free``, ``mix``.
+losses that reshape its margin Δ or its log-probs), ``logratio`` (losses on the chosen and
+rejected log-ratios separately, or on batch-sorted margins), ``reference_free``, ``mix``,
+``unpaired`` (KTO, BCO on labelled completions), ``weighting`` (WPO, a wrapper of any pairwise
+loss).
 
 ==================  =========================  ==================================
 config name         class                      TRL 1.16 equivalent
@@ -31,11 +35,16 @@ apo_zero            APOZeroLoss                apo_zero
 apo_down            APODownLoss                apo_down
 discopop            DiscoPOPLoss               discopop
 sigmoid_norm        SigmoidNormLoss            sigmoid_norm
+f_dpo               FDivergenceDPOLoss         sigmoid + f_divergence_type / f_alpha_divergence_coef
+ld_dpo              LDDPOLoss                  sigmoid + ld_alpha
 rpo                 RPOLoss                    sigmoid + rpo_alpha
 simpo               SimPOLoss                  CPOTrainer simpo (reference-free)
 orpo                ORPOLoss                   ORPOTrainer (reference-free)
 sft                 SFTLoss                    sft (reference-free)
 mix                 MixLoss                    loss_type list + loss_weights
+kto                 KTOLoss                    KTOTrainer loss_type="kto" (unpaired)
+bco                 BCOLoss                    none in 1.16 (BCOTrainer removed; unpaired)
+(weighting=wpo)     WPOWeighting(any loss)     use_weighting=True
 ==================  =========================  ==================================
 """
 
@@ -62,27 +71,35 @@ from dpo_lightning.losses.margin import (
     DiscoPOPLoss,
     DPOLoss,
     ExoPairLoss,
+    FDivergenceDPOLoss,
     HingeLoss,
     IPOLoss,
+    LDDPOLoss,
     RobustDPOLoss,
     RPOLoss,
     SigmoidNormLoss,
 )
 from dpo_lightning.losses.mix import MixLoss
 from dpo_lightning.losses.reference_free import ORPOLoss, SFTLoss, SimPOLoss
+from dpo_lightning.losses.unpaired import BCOLoss, KTOLoss, UnpairedLoss
+from dpo_lightning.losses.weighting import WPOWeighting
 
 __all__ = [
     "AOTLoss",
     "AOTUnpairedLoss",
     "APODownLoss",
     "APOZeroLoss",
+    "BCOLoss",
     "BCOPairLoss",
     "ConservativeDPOLoss",
     "DPOLoss",
     "DiscoPOPLoss",
     "ExoPairLoss",
+    "FDivergenceDPOLoss",
     "HingeLoss",
     "IPOLoss",
+    "KTOLoss",
+    "LDDPOLoss",
     "MixLoss",
     "NCAPairLoss",
     "ORPOLoss",
@@ -96,6 +113,8 @@ __all__ = [
     "SPPOHardLoss",
     "SigmoidNormLoss",
     "SimPOLoss",
+    "UnpairedLoss",
+    "WPOWeighting",
     "dpo_loss",
     "implicit_rewards",
     "reward_model_loss",

@@ -10,7 +10,8 @@ Two layers:
 * one small ``nn.Module`` per loss, built by ``hydra.utils.instantiate(cfg.loss)``. Every loss
   takes per-*pair* summed log-probs and returns ``(losses, chosen_rewards, rejected_rewards)``,
   each of shape (P,). The training loop reduces and logs; it never checks a loss by name, it
-  reads :attr:`PreferenceLoss.is_reference_free`.
+  reads what the class declares (:attr:`PreferenceLoss.is_reference_free`, ``unpaired``,
+  ``extra_inputs``, ``batch_coupled``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class PreferenceLoss(nn.Module):
 
     #: True when the loss never reads reference log-probs (SimPO, ORPO, SFT, ...).
     is_reference_free: bool = False
+    #: False: the loss reads pairs. Unpaired losses (KTO, BCO: labelled completions) say True.
+    unpaired: bool = False
+    #: Optional keyword inputs beyond summed log-probs and lengths, computed only when a loss
+    #: names them here: ``"shared_logps"`` (``policy_chosen_shared_logps`` ...: log-probs of each
+    #: pair's first min(|yw|, |yl|) tokens, LD-DPO) and ``"log_sum_sq_probs"``
+    #: (``chosen_log_sum_sq_probs`` / ``rejected_log_sum_sq_probs``: the policy's
+    #: ``Σ_t log Σ_v p_t(v)²``, WPO).
+    extra_inputs: frozenset[str] = frozenset()
+    #: True when pair i's loss depends on the other pairs of the batch (AOT sorts the batch), so
+    #: a per-pair weight does not attach to the pair it was computed for.
+    batch_coupled: bool = False
 
     def forward(
         self,
@@ -230,6 +242,15 @@ def batch_token_nll(
 def per_token(logps: Tensor, lengths: Tensor) -> Tensor:
     """Length-normalised (mean per token) log-probs: (P,), (P,) -> (P,)."""
     return logps / lengths.clamp(min=1.0)
+
+
+def length_desensitized(total: Tensor, shared: Tensor, alpha: float) -> Tensor:
+    """LD-DPO's log-likelihood: the shared-length part plus α × the rest (P,), (P,) -> (P,).
+
+    ``log π_LD(y) = log π(y_{≤l}) + α (log π(y) − log π(y_{≤l}))``, l = min(|yw|, |yl|)
+    (Liu et al. 2024, https://arxiv.org/abs/2409.06411; TRL 1.16 ``ld_alpha``).
+    """
+    return shared + alpha * (total - shared)
 
 
 def smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:

@@ -71,6 +71,8 @@ class AOTLoss(ReferenceLoss):
     Pair i's loss depends on the whole batch.
     """
 
+    batch_coupled = True
+
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__(beta)
         self.label_smoothing = label_smoothing

@@ -18,6 +18,7 @@ from dpo_lightning.losses.base import (
     PairLogps,
     ReferenceLoss,
     batch_token_nll,
+    length_desensitized,
     require_lengths,
     smoothed_sigmoid_loss,
 )
@@ -174,3 +175,116 @@ class RPOLoss(ReferenceLoss):
         require_lengths("RPOLoss", chosen_lengths=pair.chosen_lengths)
         nll = batch_token_nll(pair.policy_chosen, pair.chosen_lengths, pair.mean_chosen_length)
         return -F.logsigmoid(self.beta * pair.logits) + self.alpha * nll
+
+
+def _reverse_kl(logratio: Tensor, alpha: float) -> Tensor:
+    return logratio  # f(u) = u log u: f'(u) = log u + 1 (the constant cancels in Δ)
+
+
+def _forward_kl(logratio: Tensor, alpha: float) -> Tensor:
+    return 1 - torch.exp(-logratio)  # f(u) = −log u: f'(u) = −1/u (+1, cancels)
+
+
+def _js(logratio: Tensor, alpha: float) -> Tensor:
+    return math.log(2) + F.logsigmoid(logratio)  # f'(u) = log(2u / (1 + u))
+
+
+def _alpha(logratio: Tensor, alpha: float) -> Tensor:
+    if abs(alpha - 1) < 1e-6:  # the limit α → 1 is log u: reverse KL
+        return logratio
+    # exp overflows past ~88 in fp32 (~11 for an fp16 result): clamp the exponent, as TRL 1.16
+    # does, computing in fp32 at least.
+    work = torch.promote_types(logratio.dtype, torch.float32)
+    t = ((alpha - 1) * logratio.to(work)).clamp(max=11.0 if logratio.dtype == torch.float16 else 80.0)
+    return ((torch.exp(t) - 1) / (alpha - 1)).to(logratio.dtype)
+
+
+#: ``f'`` of each f-divergence's generator as a function of the log-ratio ``log u = log πθ/πref``
+#: (the additive constants of ``f'`` cancel in the chosen − rejected difference).
+F_DIVERGENCES = {"reverse_kl": _reverse_kl, "forward_kl": _forward_kl, "js": _js, "alpha": _alpha}
+
+
+class FDivergenceDPOLoss(ReferenceLoss):
+    """f-DPO: DPO under an f-divergence constraint (Wang et al. 2023, https://arxiv.org/abs/2309.16240).
+    TRL 1.16 ``sigmoid`` with ``f_divergence_type`` / ``f_alpha_divergence_coef``.
+
+    ``L = −log σ(β [f'(πc/rc) − f'(πr/rr)])`` where ``f'`` is the derivative of the divergence's
+    generator at the probability ratio ``u = πθ(y|x)/πref(y|x)``:
+
+    * ``reverse_kl``: ``log u`` (= DPO);
+    * ``forward_kl``: ``1 − 1/u``;
+    * ``js`` (Jensen–Shannon): ``log 2 + log σ(log u)``;
+    * ``alpha``: ``(u^(α−1) − 1)/(α − 1)``, TRL 1.16's parameterisation (α → 1: reverse KL,
+      α = 0: forward KL). The paper writes the same family as ``(1 − u^(−a))/a`` with
+      ``a = 1 − α``; both agree at the default α = 0.5.
+
+    Rewards are DPO's ``β log(πθ/πref)``, as TRL 1.16 logs them.
+
+    Args:
+        divergence: ``reverse_kl`` | ``forward_kl`` | ``js`` | ``alpha``.
+        alpha: α of the α-divergence (read only with ``divergence=alpha``).
+    """
+
+    def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
+        super().__init__(beta)
+        if divergence not in F_DIVERGENCES:
+            raise ValueError(f"loss.divergence must be one of {sorted(F_DIVERGENCES)}, got {divergence!r}")
+        self.divergence, self.alpha = divergence, alpha
+
+    def pair_losses(self, pair: PairLogps) -> Tensor:
+        f_prime = F_DIVERGENCES[self.divergence]
+        delta = f_prime(pair.chosen_logratios, self.alpha) - f_prime(pair.rejected_logratios, self.alpha)
+        return -F.logsigmoid(self.beta * delta)
+
+
+class LDDPOLoss(DPOLoss):
+    """LD-DPO: DPO on length-desensitised log-probs (Liu et al. 2024, https://arxiv.org/abs/2409.06411).
+    TRL 1.16 ``sigmoid`` with ``ld_alpha``.
+
+    Each completion's log-prob keeps its first ``l = min(|yw|, |yl|)`` tokens (the length the pair
+    shares) in full and the rest scaled by α, for policy and reference alike:
+    ``log π_LD(y) = log π(y_{≤l}) + α · log π(y_{>l})``, then
+    ``L = −log σ(β [(π_LD(yw) − r_LD(yw)) − (π_LD(yl) − r_LD(yl))])``. α = 1 is DPO; α = 0 reads
+    only the shared length. ``l`` is per pair, so a completion ranked against several others
+    (K-wise) is split at each pair's own length. Rewards are ``β`` × the LD log-ratios (TRL 1.16).
+
+    Needs the keyword inputs ``policy_chosen_shared_logps``, ``policy_rejected_shared_logps``,
+    ``reference_chosen_shared_logps``, ``reference_rejected_shared_logps`` (P,): the summed
+    log-probs of the first ``l`` tokens (the stage computes them: ``extra_inputs``).
+
+    Args:
+        alpha: α in [0, 1], the weight of the tokens past the shared length (TRL 1.16 ``ld_alpha``).
+    """
+
+    extra_inputs = frozenset({"shared_logps"})
+
+    def __init__(self, beta: float = 0.1, alpha: float = 0.5) -> None:
+        super().__init__(beta)
+        self.alpha = alpha
+
+    def forward(
+        self,
+        policy_chosen_logps: Tensor,
+        policy_rejected_logps: Tensor,
+        reference_chosen_logps: Tensor | None,
+        reference_rejected_logps: Tensor | None,
+        **kwargs: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if reference_chosen_logps is None or reference_rejected_logps is None:
+            return super().forward(policy_chosen_logps, policy_rejected_logps, None, None, **kwargs)
+        totals = {
+            "policy_chosen": policy_chosen_logps,
+            "policy_rejected": policy_rejected_logps,
+            "reference_chosen": reference_chosen_logps,
+            "reference_rejected": reference_rejected_logps,
+        }
+        missing = [f"{k}_shared_logps" for k in totals if kwargs.get(f"{k}_shared_logps") is None]
+        if missing:
+            raise ValueError(
+                f"LDDPOLoss needs the keyword argument(s) {missing}: summed log-probs of each pair's "
+                "first min(|yw|, |yl|) tokens (the DPO stage passes them, as extra_inputs asks)"
+            )
+        desensitized = [
+            length_desensitized(v, kwargs[f"{k}_shared_logps"], self.alpha) for k, v in totals.items()
+        ]
+        return super().forward(*desensitized, **kwargs)

@@ -27,6 +27,8 @@ class MixLoss(PreferenceLoss):
         if not components:
             raise ValueError("loss.components is empty: give a list of {loss: ..., weight: ...}")
         for i, comp in enumerate(components):
+            if getattr(comp.get("loss"), "unpaired", False):
+                raise ValueError(f"loss.components[{i}] is an unpaired loss: mix combines pairwise losses")
             if not isinstance(comp.get("loss"), PreferenceLoss) or "weight" not in comp:
                 raise ValueError(
                     f"loss.components[{i}] must be {{loss: <config with _target_>, weight: <num>}}"
@@ -37,6 +39,14 @@ class MixLoss(PreferenceLoss):
     @property
     def is_reference_free(self) -> bool:
         return all(loss.is_reference_free for loss in self.losses)
+
+    @property
+    def extra_inputs(self) -> frozenset[str]:
+        return frozenset().union(*(loss.extra_inputs for loss in self.losses))
+
+    @property
+    def batch_coupled(self) -> bool:
+        return any(loss.batch_coupled for loss in self.losses)
 
     def forward(
         self,

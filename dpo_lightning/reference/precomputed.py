@@ -82,6 +82,8 @@ class PrecomputedReference(ReferenceStrategy):
     The pass uses the datamodule's own train and validation loaders (their batch sizes).
     """
 
+    live = False  # summed log-probs of known rows only
+
     def __init__(self, cache_dir: str | None = None) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()

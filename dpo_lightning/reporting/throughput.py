@@ -22,7 +22,7 @@ import torch
 
 def batch_pairs(batch: dict[str, Any]) -> int:
     """``ThroughputMonitor``'s samples: the preference pairs of a batch, or its sequences when it
-    has none (SFT on plain text)."""
+    has none (SFT on plain text, the labelled rows of unpaired data)."""
     return int(batch["num_pairs"]) or int(batch["num_completions"])
 
 
@@ -58,7 +58,7 @@ class RunTotals(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._sync(pl_module)
-        self.total_pairs += int(batch["num_pairs"])
+        self.total_pairs += batch_pairs(batch)  # unpaired data: its labelled rows
         self.total_tokens += batch_tokens(batch)
         self.train_seconds += max(time.perf_counter() - self._t0, 1e-9)
 

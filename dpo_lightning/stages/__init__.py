@@ -1,7 +1,9 @@
 """The LightningModules, one per training stage (``conf/stage/``), and their metrics.
 
 ``base`` (what every stage shares: policy, optimizer, schedule, engine, logging), ``dpo`` (policy +
-reference strategy + preference loss), ``sft``, ``reward_model``, ``metrics``. Stages compose the
+reference strategy + preference loss), ``inputs`` (the optional loss inputs the DPO stage builds),
+``unpaired`` (its side for labelled completions: KTO, BCO), ``sft``, ``reward_model``,
+``metrics``. Stages compose the
 lower rooms (engine, losses, reference, models); nothing below imports a stage.
 """
 

@@ -1,28 +1,37 @@
 """The DPO stage: a trainable policy, a reference strategy, a preference loss, a forward engine.
 
-Supports / assumptions: any loss of :mod:`dpo_lightning.losses` (a reference-free one skips the
-reference forward: the stage reads ``is_reference_free``, never a name); pairs and K-wise
-rankings alike (batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index
-API of :func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards
-the policy and the reference's model together, see :meth:`DPOModule.frozen_models`; the loss is a
-mean over the global batch's pairs, its token-level terms over the global chosen tokens).
+Supports / assumptions: any loss of :mod:`dpo_lightning.losses`, read only through what it
+declares, never its name: ``is_reference_free`` (skip the reference forward), ``extra_inputs``
+(optional per-token statistics, :mod:`~dpo_lightning.stages.inputs`), ``unpaired`` (batches of
+labelled completions instead of pairs, :mod:`~dpo_lightning.stages.unpaired`) and
+``needs_mismatched`` (forward the batch's mismatched rows for a KL estimate); an optional
+``weighting`` wrapper around the loss (``weighting=wpo``); pairs and K-wise rankings alike
+(batches give ``chosen_idx`` / ``rejected_idx`` into the completions, the index API of
+:func:`~dpo_lightning.losses.dpo_loss`); every strategy of ``conf/trainer`` (FSDP2 shards the
+policy and the reference's model together, see :meth:`DPOModule.frozen_models`; the loss is a
+mean over the global batch's pairs or rows, its token-level terms over the global chosen tokens).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
-from dpo_lightning.losses import PreferenceLoss
+from dpo_lightning.losses import PreferenceLoss, UnpairedLoss
 from dpo_lightning.models.parallel import is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
-from dpo_lightning.stages.base import PolicyModule
+from dpo_lightning.run.errors import UserError
+from dpo_lightning.stages.base import PolicyModule, model_flops_per_token
+from dpo_lightning.stages.inputs import extra_inputs
 from dpo_lightning.stages.metrics import preference_metrics
+from dpo_lightning.stages.unpaired import check_data_matches_loss, require_unpaired_batch, unpaired_metrics
 
 #: State-dict prefix of the reference strategy (its model, when it owns one).
 REFERENCE_PREFIX = "reference."
@@ -33,35 +42,50 @@ class DPOModule(PolicyModule):
 
     Args:
         policy: the causal LM being trained (a HF ``PreTrainedModel``).
-        loss: a :class:`~dpo_lightning.losses.PreferenceLoss` (``conf/loss/*.yaml``).
+        loss: a :class:`~dpo_lightning.losses.PreferenceLoss`, or an
+            :class:`~dpo_lightning.losses.UnpairedLoss` for labelled completions (``conf/loss/*.yaml``).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         reference: where reference log-probs come from (``conf/reference``; default: a frozen copy
             of ``policy``); ``reference.for_loss(loss)`` checks the pairing and picks for ``auto``.
         engine: batch layout + forward (``conf/engine``; default: padded rows, full logits).
+        weighting: ``loss -> loss`` wrapper applied once here (``conf/weighting``: ``wpo``), or None.
         tokenizer: the policy's tokenizer; a reference with a checkpoint of its own
             (``reference=model``) is checked against it before its weights load.
 
     Batches come from the engine's collator: B completions and P pairs given as ``chosen_idx`` /
-    ``rejected_idx`` into them.
+    ``rejected_idx`` into them (unpaired data: B labelled completions, ``completion_labels``).
     """
 
     def __init__(
         self,
         policy: nn.Module,
-        loss: PreferenceLoss,
+        loss: PreferenceLoss | UnpairedLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
+        weighting: Callable[[PreferenceLoss], PreferenceLoss] | None = None,
         tokenizer: Any = None,
     ) -> None:
         super().__init__(policy, optimizer, scheduler, engine, tokenizer)
-        self.loss_fn = loss
-        self.reference = (reference or CopyReference()).for_loss(loss)
+        self.loss_fn = loss if weighting is None else weighting(loss)
+        self.reference = (reference or CopyReference()).for_loss(self.loss_fn)
         if tokenizer is not None:
             self.reference.check_tokenizer(tokenizer)
+        # What the forwards compute beyond summed log-probs: only what the loss reads.
+        self.extra_inputs = extra_inputs(self.loss_fn.extra_inputs, type(self.loss_fn).__name__)
+        self.policy_outputs = frozenset().union(*(e.policy for e in self.extra_inputs))
+        self.reference_outputs = frozenset().union(*(e.reference for e in self.extra_inputs))
+        needs_model = bool(self.reference_outputs) or getattr(self.loss_fn, "needs_mismatched", False)
+        if needs_model and not self.reference.live:
+            raise UserError(
+                f"loss {type(self.loss_fn).__name__} needs reference statistics a cache of summed "
+                f"log-probs cannot give (per-token log-probs, or rows built per batch); "
+                f"reference={type(self.reference).__name__} is such a cache: use reference=copy"
+            )
         self.reference.build(policy)
+        self._balance_checked = False
 
     @property
     def reference_model(self) -> nn.Module | None:
@@ -73,7 +97,19 @@ class DPOModule(PolicyModule):
     # The reference strategy may need the trainer and data (a precomputed cache) or callbacks
     # (a reference that follows the policy); it is asked, never inspected.
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        check_data_matches_loss(self.loss_fn, datamodule)  # before a reference pass: one line
+        self._warn_label_balance(datamodule)
         self.reference.prepare(self.trainer, self.policy, self.engine)
+
+    def _warn_label_balance(self, datamodule: Any) -> None:
+        counts = getattr(datamodule, "label_counts", lambda: None)()
+        if counts is None or self._balance_checked or not hasattr(self.loss_fn, "balance_warning"):
+            return
+        self._balance_checked = True
+        message = self.loss_fn.balance_warning(*counts)
+        if message:
+            rank_zero_warn(message)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
@@ -91,18 +127,32 @@ class DPOModule(PolicyModule):
     def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        shared = EngineBatch(batch)  # what policy and reference derive once (the packed mask)
+    def _forwards(self, batch: dict[str, Any]) -> tuple[CompletionStats, CompletionStats | None]:
+        """Policy and reference statistics of every completion, with the outputs the loss reads."""
+        shared = EngineBatch(batch, outputs=self.policy_outputs)  # the packed mask is derived once
         policy = self(shared)
-        reference = (
-            None
-            if self.loss_fn.is_reference_free
-            else self.reference.completion_logps(shared, self.policy, self.engine)
-        )
+        if self.loss_fn.is_reference_free:
+            return policy, None
+        # The same derived state, the reference's own optional outputs.
+        reference_batch = dataclasses.replace(shared, outputs=self.reference_outputs)
+        return policy, self.reference.completion_logps(reference_batch, self.policy, self.engine)
+
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        if self.loss_fn.unpaired:
+            return self._unpaired_step(batch, stage)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
+        if ci.numel() == 0:
+            raise UserError(
+                f"loss {type(self.loss_fn).__name__} trains on pairs but this batch has none "
+                "(unpaired rows: use loss=kto or loss=bco)"
+            )
+        policy, reference = self._forwards(batch)
         chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
         # Token-level terms (RPO/ORPO/SFT NLL) divide by the global batch's mean chosen length.
         (pairs, chosen_tokens), _ = self.global_sum(float(ci.numel()), policy.lengths[ci].sum())
+        kwargs = {"mean_chosen_length": chosen_tokens / pairs.clamp(min=1.0)}
+        for extra in self.extra_inputs:
+            kwargs |= extra.build(policy, reference, ci, ri)
         losses, chosen_rewards, rejected_rewards = self.loss_fn(
             policy.logps[ci],
             policy.logps[ri],
@@ -111,9 +161,8 @@ class DPOModule(PolicyModule):
             chosen_lengths=policy.lengths[ci],
             rejected_lengths=policy.lengths[ri],
             chosen_nll=chosen_nll,
-            mean_chosen_length=chosen_tokens / pairs.clamp(min=1.0),
+            **kwargs,
         )
-        loss, value = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # mean over global pairs
         metrics = preference_metrics(
             losses,
             chosen_rewards,
@@ -123,11 +172,51 @@ class DPOModule(PolicyModule):
             policy.mean_logits[ci],
             policy.mean_logits[ri],
         )
-        metrics["loss"] = value
+        loss, metrics["loss"] = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # global pairs
         n = int(batch["num_pairs"])
         self.log_stage(metrics, stage, n)
         self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, n, prog_bar=True, logger=False)
         return loss
+
+    def _unpaired_step(self, batch: dict[str, Any], stage: str) -> Tensor:
+        """Labelled completions (KTO, BCO): per-row losses, metrics over desirable / undesirable rows."""
+        require_unpaired_batch(batch, self.loss_fn)
+        policy, reference = self._forwards(batch)
+        kwargs = self._mismatched_logps(batch) if self.loss_fn.needs_mismatched else {}
+        labels = batch["completion_labels"]
+        losses, rewards, extra = self.loss_fn(
+            policy.logps,
+            None if reference is None else reference.logps,
+            labels,
+            lengths=policy.lengths,
+            **kwargs,
+        )
+        groups = unpaired_metrics(
+            losses, rewards, policy.logps, policy.mean_logits, labels, extra, self._reduce_sum
+        )
+        for metrics, rows in groups:  # "loss" among them: the global mean over rows
+            self.log_stage(metrics, stage, rows)
+        loss, _ = self.reduce_loss(losses.sum(), float(losses.numel()), stage)  # over global rows
+        return loss
+
+    def _mismatched_logps(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Summed log-probs of the batch's mismatched rows under policy and reference (no grad: the
+        KL estimate they give is detached). A one-prompt batch has none."""
+        rows = batch.get("mismatched")
+        if rows is None:
+            empty = batch["completion_labels"].new_zeros(0, dtype=torch.float32)
+            return {"policy_kl_logps": empty, "reference_kl_logps": empty}
+        shared = EngineBatch(rows)
+        with torch.no_grad():
+            policy = self(shared)
+        reference = self.reference.completion_logps(shared, self.policy, self.engine)
+        if self.flops_per_batch is not None:  # two forward-only passes more (policy and reference)
+            params = sum(p.numel() for p in self.policy.parameters()) + self.forward_only_params()
+            self.flops_per_batch += model_flops_per_token(params, training=False) * int(rows["num_tokens"])
+        return {"policy_kl_logps": policy.logps, "reference_kl_logps": reference.logps}
+
+    def _reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor if self._trainer is None else self.trainer.strategy.reduce(tensor, reduce_op="sum")
 
     # A reference rebuilt at every start stays out of checkpoints, so a checkpoint holds one copy
     # of the weights. Sharded (FSDP2) checkpoints load key by key into the live module (DCP has

@@ -29,6 +29,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from dpo_lightning.engine import ForwardEngine
 from dpo_lightning.engine.logps import position_ids_from_mask
 from dpo_lightning.losses import reward_model_loss
+from dpo_lightning.run.errors import UserError
 from dpo_lightning.stages.base import PolicyModule
 
 
@@ -125,8 +126,10 @@ class RewardModelModule(PolicyModule):
         return sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"])
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
-        rewards = self(batch)  # (B,)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
+        if ci.numel() == 0:
+            raise UserError("stage=reward_model trains on pairs; this batch has none (unpaired or text rows)")
+        rewards = self(batch)  # (B,)
         losses = reward_model_loss(rewards, ci, ri)  # (P,)
         if self.center_rewards_coefficient:
             losses = losses + self.center_rewards_coefficient * (rewards[ci] + rewards[ri]) ** 2

@@ -28,8 +28,11 @@ from dpo_lightning.stages.base import PolicyModule
 
 
 def sft_rows(batch: dict[str, Any]) -> Tensor:
-    """Indices (R,) of the completions SFT trains on: those that win some pair, or every one
-    when the batch has no pairs (plain text). A completion chosen in several pairs counts once."""
+    """Indices (R,) of the completions SFT trains on: those that win some pair, the desirable ones
+    of unpaired (labelled) data, or every one when the batch has neither (plain text). A completion
+    chosen in several pairs counts once."""
+    if "completion_labels" in batch:
+        return torch.nonzero(batch["completion_labels"]).flatten()
     if int(batch["num_pairs"]) == 0:
         return torch.arange(int(batch["num_completions"]), device=batch["input_ids"].device)
     return torch.unique(batch["chosen_idx"])
@@ -56,8 +59,13 @@ class SFTModule(PolicyModule):
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rows = sft_rows(batch)
-        stats = self.engine(self.policy, batch, rows)
-        loss, nll = self.reduce_loss(-stats.logps.sum(), stats.lengths.sum(), stage)
         n = int(rows.numel())
+        if n == 0:  # unpaired rows, none desirable: no signal; a zero loss on the graph keeps the
+            # step (and DDP's gradient sync) going without training on undesirable text
+            total, tokens = self.engine(self.policy, batch).logps.sum() * 0.0, 0.0
+        else:
+            stats = self.engine(self.policy, batch, rows)
+            total, tokens = -stats.logps.sum(), stats.lengths.sum()
+        loss, nll = self.reduce_loss(total, tokens, stage)  # token mean over the global batch
         self.log_stage({"loss": nll, "ppl": nll.exp()}, stage, n, prog_bar=True)
         return loss
