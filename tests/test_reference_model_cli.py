@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from tests import test_distributed_cli as distributed
 from tests.conftest import run_cli
-from tests.test_distributed_cli import COMMON, ENV, TRACKED, _train_rows
+from tests.test_distributed_cli import COMMON, ENV, STAGES, _train_rows
+
+TRACKED = STAGES["dpo"][1]  # the per-step DPO metrics compared across runs
 
 pytestmark = pytest.mark.slow
 data_arg = distributed.data_arg  # the 40-pair file those equivalence tests use (a fixture)
@@ -91,10 +93,10 @@ def test_cli_fsdp2_shards_or_offloads_the_reference_and_matches_one_process(fold
         run_cli(args, tmp_path, timeout=500, env=ENV)
         runs[name] = run
 
-    one = _train_rows(runs["one"])
+    one = _train_rows(runs["one"], TRACKED)
     assert one[0]["loss"] != pytest.approx(0.6931, abs=1e-3)  # the SFT reference is not the policy
     for name, policy in (("fsdp", "OffloadPolicy"), ("offload", "CPUOffloadPolicy")):
-        rows = _train_rows(runs[name])
+        rows = _train_rows(runs[name], TRACKED)
         assert rows.keys() == one.keys()
         for step in one:
             for key in TRACKED:
