@@ -15,13 +15,13 @@ separately, or on batch-sorted margins), ``reference_free``, ``mix``.
 config name         class                      TRL 1.16 equivalent
 ==================  =========================  ==================================
 dpo                 DPOLoss                    sigmoid
-cdpo                ConservativeDPOLoss        sigmoid + label_smoothing
+cdpo                ConservativeDPOLoss        none (TRL 1.16 sigmoid ignores label_smoothing)
 robust              RobustDPOLoss              robust
 hinge               HingeLoss                  hinge
 ipo                 IPOLoss                    ipo (length-averaged)
 exo_pair            ExoPairLoss                exo_pair
 nca_pair            NCAPairLoss                nca_pair
-bco_pair            BCOPairLoss                bco_pair
+bco_pair            BCOPairLoss                bco_pair without the running-mean shift
 sppo_hard           SPPOHardLoss               sppo_hard
 aot                 AOTLoss                    aot
 aot_unpaired        AOTUnpairedLoss            aot_unpaired (aot_pair)
@@ -29,9 +29,9 @@ apo_zero            APOZeroLoss                apo_zero
 apo_down            APODownLoss                apo_down
 discopop            DiscoPOPLoss               discopop
 sigmoid_norm        SigmoidNormLoss            sigmoid_norm
-rpo                 RPOLoss                    sigmoid + rpo_alpha
-simpo               SimPOLoss                  CPOTrainer simpo (reference-free)
-orpo                ORPOLoss                   ORPOTrainer (reference-free)
+rpo                 RPOLoss                    [sigmoid, sft], loss_weights [1, α]
+simpo               SimPOLoss                  experimental CPOTrainer simpo, cpo_alpha=0
+orpo                ORPOLoss                   experimental ORPOTrainer
 sft                 SFTLoss                    sft (reference-free)
 mix                 MixLoss                    loss_type list + loss_weights
 ==================  =========================  ==================================

@@ -3,7 +3,9 @@
 :func:`preflight` checks, in order: the output directory is writable; ``model.name_or_path``
 is a readable local model folder, or a hub id that can be reached (or is cached when
 ``HF_HUB_OFFLINE=1``) — probed in ~3 s instead of the hub client's retry loop; ``data.max_length``
-fits the model's context; the checkpoint to resume from exists, is ours and matches the config.
+fits the model's context; no other run uses the run directory and it holds no earlier run unless
+this one continues or overwrites it (:mod:`dpo_lightning.run.rundir`); the checkpoint to resume
+from exists, is intact, is ours and matches the config.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 
 from dpo_lightning.run.errors import UserError
 from dpo_lightning.run.resume import check_checkpoint, resolve_ckpt_path
+from dpo_lightning.run.rundir import claim_run_dir
 
 # config.json keys that hold a model's context length, by model family.
 CONTEXT_KEYS = (
@@ -37,8 +40,9 @@ def preflight(cfg: DictConfig) -> dict[str, Any] | None:
     check_output_dir(Path(cfg.paths.output_dir))
     model_config = check_model_source(cfg.model)
     check_context_length(cfg, model_config)
-    ckpt_path = resolve_ckpt_path(cfg)
-    return None if ckpt_path is None else {**check_checkpoint(ckpt_path, cfg), "path": ckpt_path}
+    with claim_run_dir(cfg):  # the run dir's lock; an earlier run there needs resume=true or overwrite=true
+        ckpt_path = resolve_ckpt_path(cfg)
+        return None if ckpt_path is None else {**check_checkpoint(ckpt_path, cfg), "path": ckpt_path}
 
 
 def check_output_dir(run_dir: Path) -> None:

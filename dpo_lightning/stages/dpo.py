@@ -108,6 +108,8 @@ class DPOModule(PolicyModule):
             policy.logps[ri],
             policy.mean_logits[ci],
             policy.mean_logits[ri],
+            policy.lengths[ci],
+            policy.lengths[ri],
         )
         pairs = int(batch["num_pairs"])
         self.log_stage(metrics, stage, pairs)
