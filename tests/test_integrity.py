@@ -170,3 +170,32 @@ def test_damaged_sharded_checkpoint_is_detected(tmp_path, damage, expected):
     assert problem(folder) is None
     damage(folder)
     assert expected in problem(folder)
+
+
+def test_sharded_checkpoint_has_no_record_while_it_is_rewritten(tmp_path):
+    """``RollingCheckpoint`` deletes a folder's record before DCP rewrites it in place and
+    records it again once written: killed in between, the folder is refused as incomplete."""
+    from types import SimpleNamespace
+
+    from dpo_lightning.run.checkpointing import RollingCheckpoint
+
+    folder = _sharded(tmp_path / "last.ckpt")
+    callback = RollingCheckpoint(dirpath=str(tmp_path), keep_last=None)
+
+    def killed_mid_write(path, weights_only=False):
+        (folder / "__0_0.distcp").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    def completes(path, weights_only=False):
+        (folder / "__0_0.distcp").write_bytes(b"all of it")
+
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    trainer = SimpleNamespace(is_global_zero=True, global_step=3, loggers=[], strategy=strategy)
+    trainer.save_checkpoint = killed_mid_write
+    with pytest.raises(KeyboardInterrupt):
+        callback._save_checkpoint(trainer, str(folder))
+    assert "no digest file last.ckpt.sha256.json" in problem(folder)
+    trainer.save_checkpoint = completes
+    callback._save_checkpoint(trainer, str(folder))
+    assert problem(folder) is None
+    assert json.loads(digest_path(folder).read_text())["global_step"] == 3

@@ -21,7 +21,7 @@ hinge               HingeLoss                  hinge
 ipo                 IPOLoss                    ipo (length-averaged)
 exo_pair            ExoPairLoss                exo_pair
 nca_pair            NCAPairLoss                nca_pair
-bco_pair            BCOPairLoss                bco_pair without the running-mean shift
+bco_pair            BCOPairLoss                none (TRL 1.16 bco_pair has no running-mean shift)
 sppo_hard           SPPOHardLoss               sppo_hard
 aot                 AOTLoss                    aot
 aot_unpaired        AOTUnpairedLoss            aot_unpaired (aot_pair)

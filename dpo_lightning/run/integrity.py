@@ -14,7 +14,7 @@ that names the newest checkpoint still intact.
   without one, refused as incomplete (the write itself is not atomic; it is detected, not
   prevented). Missing, extra and changed files are all named.
 
-Stdlib only (plus the package's user-error type): any folder may import it.
+Stdlib plus the two leaves ``errors`` and ``files``: any folder may import it.
 """
 
 from __future__ import annotations
