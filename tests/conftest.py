@@ -25,6 +25,12 @@ CONF_DIR = REPO / "conf"
 def _isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    yield
+    # train() called in-process holds its run directory's lock until the process ends (the CLI
+    # releases it per job): give it back, so CLI runs of later tests may use that directory.
+    from dpo_lightning.run.rundir import release_run_dirs
+
+    release_run_dirs()
 
 
 @pytest.fixture(scope="session")

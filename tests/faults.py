@@ -9,7 +9,9 @@ given optimizer step:
   through the write (a full disk);
 - ``killwrite@N``: SIGKILL itself half-way through writing the checkpoint of step N;
 - ``oom@N``: raise ``torch.OutOfMemoryError`` in the batch after step N (as CUDA would);
-- ``nan@N``: make the gradients of the batch after step N NaN (a diverged step).
+- ``nan@N``: make the gradients of the batch after step N NaN (a diverged step);
+- ``nanval@N``: make the policy's output NaN in the final validation (``trainer.validate`` after
+  fit) of a run that ended at step N (a model that breaks on held-out data).
 
 Timing-based kills are flaky; these land at the same point on every machine.
 """
@@ -23,6 +25,7 @@ from typing import IO, Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from dpo_lightning.run.checkpointing import AtomicCheckpointIO
 
@@ -79,3 +82,9 @@ class FaultInjector(L.Callback):
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
                     break
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and planned("nanval") == trainer.global_step:
+            head = pl_module.policy.get_output_embeddings()
+            with torch.no_grad():
+                head.weight.fill_(float("nan"))

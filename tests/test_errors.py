@@ -172,7 +172,13 @@ def test_disk_full_while_checkpointing_keeps_previous(tmp_path, capsys, monkeypa
     ckpts = tmp_path / "run" / "checkpoints"
     assert f"could not write checkpoint {ckpts}/step4.ckpt (disk full)" in line
     assert "previous checkpoints kept: ['last.ckpt', 'step2.ckpt']" in line and "resume=true" in line
-    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step2.ckpt"]  # no temp file
+    # no temp file; each kept checkpoint with its digest record
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "last.ckpt.sha256.json",
+        "step2.ckpt",
+        "step2.ckpt.sha256.json",
+    ]
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 2
 
 

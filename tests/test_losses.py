@@ -102,7 +102,12 @@ def test_simpo_hand_worked():
 
 
 def trl_dpo_family(name, p, beta, eps=0.0, tau=0.05, alpha=1.0, running=None):
-    """TRL's ``dpo_loss`` branch ``name`` for one pair (plain floats)."""
+    """TRL 1.16's ``DPOTrainer._compute_loss`` branch ``name`` for one pair (plain floats).
+
+    Two are not TRL 1.16 branches: ``cdpo`` is older TRL's ``sigmoid`` with label smoothing
+    (TRL 1.16's ``sigmoid`` ignores it), ``rpo`` is TRL 1.16's ``loss_type=["sigmoid", "sft"]``
+    with ``loss_weights=[1, α]`` (``nll``: its ``sft`` branch, the batch's token-mean NLL).
+    """
     pc, pr, rc, rr, lc, lr = p
     a, b = pc - rc, pr - rr
     logits = (pc - pr) - (rc - rr)
@@ -125,7 +130,7 @@ def trl_dpo_family(name, p, beta, eps=0.0, tau=0.05, alpha=1.0, running=None):
 
 
 PAIRS = list(zip(PC, PR, RC, RR, LC, LR, strict=True))
-TOKEN_NLL = -sum(PC) / sum(LC)  # TRL's nll_loss: cross-entropy averaged over chosen tokens
+TOKEN_NLL = -sum(PC) / sum(LC)  # TRL 1.16's sft branch: cross-entropy averaged over chosen tokens
 
 CASES = [
     ("cdpo", L.ConservativeDPOLoss(beta=0.3, label_smoothing=0.2), dict(beta=0.3, eps=0.2)),

@@ -19,6 +19,7 @@ from dpo_lightning.run.checkpointing import (
 )
 from dpo_lightning.run.errors import UserError
 from dpo_lightning.run.guards import NonFiniteError, NonFiniteGuard, first_nonfinite
+from dpo_lightning.run.integrity import problem
 from dpo_lightning.run.resume import config_diff
 
 
@@ -65,7 +66,8 @@ def test_atomic_write_and_weights_only_load(tmp_path):
     io.save_checkpoint({"w": torch.arange(3), "step": 1}, path)
     loaded = io.load_checkpoint(path)
     assert torch.equal(loaded["w"], torch.arange(3)) and loaded["step"] == 1
-    assert [p.name for p in path.parent.iterdir()] == ["a.ckpt"]  # no temp file left
+    # no temp file left; the digest record beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.ckpt", "a.ckpt.sha256.json"]
 
 
 def test_weights_only_load_refuses_pickled_code(tmp_path):
@@ -89,7 +91,9 @@ def test_disk_full_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         io.save_checkpoint({"step": 8, "w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert io.load_checkpoint(path)["step"] == 4  # the old file, intact
-    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # temp file removed
+    # temp file removed; the digest record still describes the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256.json"]
+    assert problem(path) is None
 
 
 # -- RNG state ----------------------------------------------------------------------------------

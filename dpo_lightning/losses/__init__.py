@@ -21,13 +21,13 @@ loss).
 config name         class                      TRL 1.16 equivalent
 ==================  =========================  ==================================
 dpo                 DPOLoss                    sigmoid
-cdpo                ConservativeDPOLoss        sigmoid + label_smoothing
+cdpo                ConservativeDPOLoss        none (TRL 1.16 sigmoid ignores label_smoothing)
 robust              RobustDPOLoss              robust
 hinge               HingeLoss                  hinge
 ipo                 IPOLoss                    ipo (length-averaged)
 exo_pair            ExoPairLoss                exo_pair
 nca_pair            NCAPairLoss                nca_pair
-bco_pair            BCOPairLoss                bco_pair
+bco_pair            BCOPairLoss                none (TRL 1.16 bco_pair has no running-mean shift)
 sppo_hard           SPPOHardLoss               sppo_hard
 aot                 AOTLoss                    aot
 aot_unpaired        AOTUnpairedLoss            aot_unpaired (aot_pair)
@@ -37,9 +37,9 @@ discopop            DiscoPOPLoss               discopop
 sigmoid_norm        SigmoidNormLoss            sigmoid_norm
 f_dpo               FDivergenceDPOLoss         sigmoid + f_divergence_type / f_alpha_divergence_coef
 ld_dpo              LDDPOLoss                  sigmoid + ld_alpha
-rpo                 RPOLoss                    sigmoid + rpo_alpha
-simpo               SimPOLoss                  CPOTrainer simpo (reference-free)
-orpo                ORPOLoss                   ORPOTrainer (reference-free)
+rpo                 RPOLoss                    [sigmoid, sft], loss_weights [1, α]
+simpo               SimPOLoss                  experimental CPOTrainer simpo, cpo_alpha=0
+orpo                ORPOLoss                   experimental ORPOTrainer
 sft                 SFTLoss                    sft (reference-free)
 mix                 MixLoss                    loss_type list + loss_weights
 kto                 KTOLoss                    KTOTrainer loss_type="kto" (unpaired)

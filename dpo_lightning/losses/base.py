@@ -135,7 +135,8 @@ class PairLogps:
 class ReferenceLoss(PreferenceLoss):
     """Base of the losses on log-ratios to a reference: subclasses write :meth:`pair_losses`.
 
-    Rewards are DPO's implicit ``β (log πθ − log πref)`` (detached), as in TRL 1.16 for every such loss.
+    Rewards are DPO's implicit ``β (log πθ − log πref)`` (detached), as TRL 1.16's ``DPOTrainer`` logs
+    them for every loss type.
 
     Args:
         beta: β (each subclass's docstring says what it scales).
@@ -227,8 +228,9 @@ def batch_token_nll(
     """Per-pair NLL whose mean over pairs is the token-mean NLL of the chosen completions.
 
     ``-log π(yw_i) / mean_j |yw_j|``: averaging this over the P pairs gives
-    ``-Σ log π(yw) / Σ |yw|``, the cross-entropy TRL 1.16's ``nll_loss`` (RPO, ORPO, SFT) computes over a
-    batch. Shapes (P,), (P,) -> (P,).
+    ``-Σ log π(yw) / Σ |yw|``, the token-mean cross-entropy of the batch's chosen completions:
+    TRL 1.16's ``DPOTrainer`` ``sft`` branch, and the ``nll_loss`` of its experimental ORPO / CPO
+    trainers. Shapes (P,), (P,) -> (P,).
 
     ``mean_length`` (0-d): the mean over the global batch (all data-parallel ranks) instead of
     this batch's. With it, the mean over the global pairs is the global token mean exactly, so W

@@ -2,7 +2,8 @@
 (or on batch-sorted margins), rather than on DPO's single margin ``Δ = a − b``.
 
 All inputs are per-pair summed log-probs (P,); every loss returns (P,) losses and rewards
-``β a``, ``β b``. Formulas match TRL 1.16's ``DPOTrainer.dpo_loss`` for the loss type named.
+``β a``, ``β b``. Each docstring names the TRL 1.16 ``DPOTrainer`` ``loss_type`` with the same
+formula (a branch of ``DPOTrainer._compute_loss``), or says where TRL 1.16 differs.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ class NCAPairLoss(ReferenceLoss):
 
 
 class BCOPairLoss(ReferenceLoss):
-    """BCO, pairwise (Jung et al. 2024, https://arxiv.org/abs/2404.04656, Eq. 11). TRL 1.16 ``bco_pair``.
+    """BCO, pairwise (Jung et al. 2024, https://arxiv.org/abs/2404.04656, Eq. 11), with the
+    paper's reward shift.
 
     A binary classifier of chosen vs rejected rewards with a shift δ:
     ``L = −log σ(β a − δ) − log σ(−(β b − δ))``, where δ is the running mean, over the training
     batches seen so far, of each batch's mean reward ``mean(β a ∪ β b)`` (updated before use,
     in training mode only; kept per process and in checkpoints).
+
+    TRL 1.16 ``bco_pair`` has no shift: ``L = −log σ(β a) − log σ(−β b)`` (δ = 0). The two agree
+    only while δ is 0 (a fresh loss in eval mode); after the first training batch they differ.
     """
 
     def __init__(self, beta: float = 0.1) -> None:

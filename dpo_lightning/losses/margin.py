@@ -2,8 +2,9 @@
 
 All inputs are per-pair **summed** log-probs of shape (P,) (``πc`` = log πθ(yw|x), ``rc`` =
 log πref(yw|x), likewise ``πr``/``rr`` for the rejected completion); every loss returns (P,)
-per-pair losses, and rewards ``β (π − r)``. Formulas match TRL 1.16's ``DPOTrainer.dpo_loss`` for the
-loss type named in each docstring.
+per-pair losses, and rewards ``β (π − r)``. Each docstring names the TRL 1.16 ``DPOTrainer``
+``loss_type`` with the same formula (a branch of ``DPOTrainer._compute_loss``, with the default
+``f_divergence_type="reverse_kl"``), or says where TRL 1.16 differs.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ class DPOLoss(ReferenceLoss):
 
 class ConservativeDPOLoss(ReferenceLoss):
     """cDPO: DPO with label smoothing ε (Mitchell 2023, https://ericmitchell.ai/cdpo.pdf).
-    TRL 1.16 ``sigmoid`` with ``label_smoothing``.
 
     ``L = −(1 − ε) log σ(β Δ) − ε log σ(−β Δ)``: the expected DPO loss when each preference label
     is flipped with probability ε.
+
+    No TRL 1.16 equivalent: its ``sigmoid`` ignores ``label_smoothing`` (which TRL 1.16 reads only
+    for ``robust``, ``exo_pair``, ``aot`` and ``aot_unpaired``); older TRL releases applied it in
+    ``sigmoid`` as here. TRL 1.16's ``robust`` is a different loss (:class:`RobustDPOLoss`).
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
@@ -57,7 +61,8 @@ class RobustDPOLoss(ReferenceLoss):
     """Robust DPO (Chowdhury et al. 2024, https://arxiv.org/abs/2403.00409, Eq. 21). TRL 1.16 ``robust``.
 
     ``L = [−(1 − ε) log σ(β Δ) + ε log σ(−β Δ)] / (1 − 2ε)``: an unbiased estimate of the
-    clean-label loss under label-flip noise ε (ε < 1/2).
+    clean-label loss under label-flip noise ε (ε < 1/2). ε outside [0, 1/2) is refused here;
+    TRL 1.16 only logs a warning and trains on.
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
@@ -103,7 +108,9 @@ class ExoPairLoss(ReferenceLoss):
     ``L = σ(βΔ) (log σ(βΔ) − log(1 − ε)) + σ(−βΔ) (log σ(−βΔ) − log ε)``.
 
     Args:
-        label_smoothing: ε > 0 (TRL 1.16 replaces 0 by 1e-3; here 0 is refused).
+        label_smoothing: ε in (0, 1), refused otherwise: ``log ε`` is −inf at 0. TRL 1.16 refuses
+            ε = 0 too (a ValueError recommending 1e-3; its default ε is 0, so ``exo_pair`` needs it
+            set), but lets ε ≥ 1 through to NaN losses.
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3) -> None:
@@ -157,11 +164,13 @@ class SigmoidNormLoss(ReferenceLoss):
 
 class RPOLoss(ReferenceLoss):
     """RPO: DPO plus α × the NLL of the chosen completion (Pang et al. 2024,
-    https://arxiv.org/abs/2404.19733, Eq. 3). TRL 1.16 ``sigmoid`` with ``rpo_alpha``.
+    https://arxiv.org/abs/2404.19733, Eq. 3).
 
     ``L_i = −log σ(β Δ_i) + α · (−πc_i / mean_j |yw_j|)``: the NLL term averages to the token-mean
-    cross-entropy over the batch's chosen completions, as TRL 1.16's ``nll_loss``. Needs
-    ``chosen_lengths``.
+    cross-entropy over the batch's chosen completions. TRL 1.16 has no ``rpo_alpha`` (older TRL
+    releases had); its equivalent is ``loss_type=["sigmoid", "sft"]`` with
+    ``loss_weights=[1.0, α]`` (its ``sft`` branch is that token-mean NLL), equal in the batch mean.
+    Needs ``chosen_lengths``.
 
     Args:
         alpha: α, the NLL weight (paper: 1.0).

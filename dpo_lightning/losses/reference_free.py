@@ -23,10 +23,11 @@ from dpo_lightning.losses.base import (
 
 class SimPOLoss(ReferenceFreeLoss):
     """SimPO (Meng et al. 2024, https://arxiv.org/abs/2405.14734, Eq. 6).
-    TRL 1.16 ``CPOTrainer`` with ``loss_type="simpo"``.
+    TRL 1.16 ``trl.experimental.cpo.CPOTrainer`` with ``loss_type="simpo"`` and ``cpo_alpha=0``
+    (its default ``cpo_alpha=1.0`` adds the chosen NLL; TRL 1.16's ``DPOTrainer`` has no SimPO).
 
-    ``L = −log σ(β πc/|yw| − β πr/|yl| − γ)`` (label-smoothed with ε as in TRL 1.16); rewards are the
-    length-normalised ``β π/|y|``.
+    ``L = −log σ(β πc/|yw| − β πr/|yl| − γ)`` (label-smoothed with ε as in that trainer); rewards
+    are the length-normalised ``β π/|y|``.
 
     Args:
         beta: β, the reward scale (paper: 2.0–2.5).
@@ -50,7 +51,8 @@ class SimPOLoss(ReferenceFreeLoss):
 
 
 class ORPOLoss(ReferenceFreeLoss):
-    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eq. 6–7). TRL 1.16 ``ORPOTrainer``.
+    """ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691, Eq. 6–7).
+    TRL 1.16 ``trl.experimental.orpo.ORPOTrainer``.
 
     With per-token log-probs ``c = πc/|yw|``, ``r = πr/|yl|`` and odds ``odds(p) = p/(1 − p)``:
     ``L = NLL(yw) − λ log σ(log odds(e^c) − log odds(e^r))``,
@@ -79,7 +81,8 @@ class ORPOLoss(ReferenceFreeLoss):
 
 
 class SFTLoss(ReferenceFreeLoss):
-    """Supervised fine-tuning on the chosen completions: NLL of yw (TRL 1.16 ``sft`` loss type).
+    """Supervised fine-tuning on the chosen completions: NLL of yw (TRL 1.16 ``DPOTrainer``
+    ``sft`` loss type).
 
     ``L_i = −πc_i / mean_j |yw_j|``, whose mean over the batch is the token-mean cross-entropy
     ``−Σ πc / Σ |yw|``. The rejected completion is ignored. Rewards (for the metrics only) are the

@@ -1,4 +1,4 @@
-"""The callbacks every run gets: atomic checkpoints, resume state, the non-finite guard."""
+"""The callbacks every run gets: atomic checkpoints, resume state, the non-finite guards."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
 
 from dpo_lightning.run.checkpointing import AtomicCheckpointIO, ResumeState
-from dpo_lightning.run.guards import NonFiniteGuard
+from dpo_lightning.run.guards import FiniteValidation, NonFiniteGuard
 from dpo_lightning.run.resume import run_config
 
 
@@ -23,12 +23,14 @@ class AtomicCheckpoints(L.Callback):
 
 
 def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
-    """Callbacks every run gets: atomic checkpoints, resume state, non-finite guard."""
+    """Callbacks every run gets: atomic checkpoints, resume state (refusing changed data unless
+    ``resume_on_changed_data``), the non-finite guards (training steps, final validation)."""
     train_cfg = cfg.get("train") or {}
     return [
         AtomicCheckpoints(),
-        ResumeState(run_config(cfg)),
+        ResumeState(run_config(cfg), allow_changed_data=bool(cfg.get("resume_on_changed_data"))),
         NonFiniteGuard(train_cfg.get("on_nonfinite", "stop")),
+        FiniteValidation(),
     ]
 
 

@@ -14,12 +14,18 @@ from typing import IO, Any
 import torch
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(
+    path: str | Path,
+    write: Callable[[IO[bytes]], None],
+    before_replace: Callable[[], None] | None = None,
+) -> None:
     """``write(f)`` into a temporary file beside ``path``, fsync, then rename it over ``path``.
 
     The temporary file is ``.<name>.tmp<pid>``; on failure it is removed and the error raised,
     and after a success any temporary left by a killed writer is removed too. The folder is
-    fsynced after the rename, so the new name survives a power loss.
+    fsynced after the rename, so the new name survives a power loss. ``before_replace`` runs
+    after the temporary file is complete on disk and before the rename (a checkpoint's digest
+    file is written there, so no crash can leave a renamed file without its digest).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Non-finite guard: a NaN/inf loss or gradient never reaches the optimizer.
+"""Non-finite guards: a NaN/inf loss or gradient never reaches the optimizer, and a run whose
+final validation is not finite fails instead of exporting.
 
 Checked in ``on_before_optimizer_step`` (after backward, before clipping and the step), so one bad
 batch cannot write NaN into the policy or the optimizer's moments. Policy ``train.on_nonfinite``:
@@ -6,14 +7,20 @@ batch cannot write NaN into the policy or the optimizer's moments. Policy ``trai
 - ``stop``: raise :class:`NonFiniteError` naming the step and the batch's source rows;
 - ``skip``: drop the gradients (the optimizer skips parameters without one), count the step in
   ``skipped`` (reported in ``summary.json`` as ``nonfinite_steps_skipped``) and go on.
+
+:class:`FiniteValidation` checks the validation ``train.py`` runs after ``fit``: a NaN/inf
+``val/*`` metric raises :class:`NonFiniteValidationError` naming the metrics, before the model is
+exported or ``summary.json`` written (the checkpoints stay).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from dpo_lightning.run.errors import UserError
@@ -23,6 +30,10 @@ POLICIES = ("skip", "stop")
 
 class NonFiniteError(UserError):
     """Training produced a non-finite loss or gradient under ``train.on_nonfinite=stop``."""
+
+
+class NonFiniteValidationError(UserError):
+    """The final validation of a run gave a NaN/inf metric."""
 
 
 def first_nonfinite(loss: Tensor | None, params: list[torch.nn.Parameter]) -> str | None:
@@ -105,3 +116,29 @@ class NonFiniteGuard(L.Callback):
 def _short(rows: list[int], limit: int = 16) -> str:
     shown = ", ".join(map(str, rows[:limit]))
     return f"[{shown}{', ...' if len(rows) > limit else ''}]"
+
+
+class FiniteValidation(L.Callback):
+    """Fails the run when the validation after ``fit`` (``trainer.validate``) logs a NaN/inf
+    ``val/*`` metric: a model that gives NaN on held-out data must not be exported as a result.
+
+    Validations during ``fit`` are left alone (the end of the run is what is reported). The
+    logged metrics are already averaged over ranks, so every rank decides alike.
+    """
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        bad = {
+            k: float(v)
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith("val/") and not math.isfinite(float(v))
+        }
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteValidationError(
+                f"the final validation is not finite at step {trainer.global_step} ({shown}): "
+                "nothing was exported (the checkpoints are kept); the policy gives NaN/inf on the "
+                "validation rows: lower optim.optimizer.lr, check the data, or resume from an "
+                "earlier checkpoint (ckpt_path=...)"
+            )

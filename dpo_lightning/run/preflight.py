@@ -4,8 +4,10 @@
 is a readable local model folder, or a hub id that can be reached (or is cached when
 ``HF_HUB_OFFLINE=1``) — probed in ~3 s instead of the hub client's retry loop — and so is a
 separate reference's ``reference.name_or_path``; ``data.max_length`` fits the model's (and that
-reference's) context; ``export.push_to_hub`` has a valid ``export.repo_id``; the checkpoint to
-resume from exists, is ours and matches the config.
+reference's) context; ``export.push_to_hub`` has a valid ``export.repo_id``; no other run uses
+the run directory and it holds no earlier run unless this one continues or overwrites it
+(:mod:`dpo_lightning.run.rundir`); the checkpoint to resume from exists, is intact, is ours and
+matches the config.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.run.errors import UserError
 from dpo_lightning.run.resume import check_checkpoint, resolve_ckpt_path
+from dpo_lightning.run.rundir import claim_run_dir
 
 # config.json keys that hold a model's context length, by model family.
 CONTEXT_KEYS = (
@@ -49,8 +52,9 @@ def preflight(cfg: DictConfig) -> dict[str, Any] | None:
             )
         check_context_length(cfg, check_model_source(reference, key="reference"), key="reference")
     check_export(cfg.get("export") or {})
-    ckpt_path = resolve_ckpt_path(cfg)
-    return None if ckpt_path is None else {**check_checkpoint(ckpt_path, cfg), "path": ckpt_path}
+    with claim_run_dir(cfg):  # the run dir's lock; an earlier run there needs resume=true or overwrite=true
+        ckpt_path = resolve_ckpt_path(cfg)
+        return None if ckpt_path is None else {**check_checkpoint(ckpt_path, cfg), "path": ckpt_path}
 
 
 def check_export(export: Any) -> None:

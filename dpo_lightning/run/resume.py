@@ -1,8 +1,11 @@
 """Resuming a run: which checkpoint, whether it may be used, and the metric history.
 
 - :func:`resolve_ckpt_path` / :func:`check_checkpoint` turn ``resume=true`` or ``ckpt_path=...``
-  into a checkpoint path, failing with one clear line when it is missing, not ours, from another
-  version, or was trained with a different config (the differing keys are named).
+  into a checkpoint path, failing with one clear line when it is missing, damaged (it does not
+  match the digest recorded when it was written: :mod:`dpo_lightning.run.integrity`; the newest
+  intact checkpoint is named), not ours, from another version, or was trained with a different
+  config (the differing keys are named). Changed *data* is caught once the data is loaded
+  (:class:`~dpo_lightning.run.checkpointing.ResumeState`).
 - :class:`MetricsHistory` keeps ``csv/metrics.csv`` rows written before the checkpoint's step
   (Lightning's CSVLogger would delete the file) and drops the ones after it, so a resumed run's
   history has no duplicated or missing steps.
@@ -24,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 import dpo_lightning
 from dpo_lightning.run.checkpointing import META_KEY
 from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.integrity import check_intact, read_record
+from dpo_lightning.run.rundir import is_first_process
 
 # Config groups that define the trained model; a resume must not change any key in them.
 RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer", "train")
@@ -32,6 +37,8 @@ RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer"
 # is routine (the LR schedule is then rebuilt for the new length, so only an unchanged
 # max_steps reproduces an uninterrupted run bit for bit).
 RESUME_MAY_CHANGE = ("trainer.default_root_dir", "trainer.enable_progress_bar", "trainer.max_steps")
+# Where the data comes from: may change too when the user opts in with resume_on_changed_data.
+DATA_SOURCE = ("data.path", "data.name", "data.generator")
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
@@ -96,10 +103,20 @@ def is_sharded_checkpoint(path: Path) -> bool:
 
 
 def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
-    """Load ``path`` (weights_only) and check it was written by this version with this config.
+    """Check ``path`` against its digest, load it (weights_only) and check it was written by this
+    version with this config.
+
+    The digest is checked by the run's first process only: DDP ranks started later by Lightning
+    find it checked, and reading every byte once per rank would multiply the cost. A file without
+    a digest record is first asked whether it is ours and of this version (the clearer message
+    for a foreign or old checkpoint), then refused for the missing record.
 
     Returns the checkpoint's metadata (``global_step`` included).
     """
+    verify = is_first_process()
+    recorded = read_record(path) is not None
+    if verify and recorded:  # before reading it: a damaged file's metadata says nothing reliable
+        check_intact(path)
     sharded = is_sharded_checkpoint(Path(path))
     try:
         file = Path(path) / _METADATA_FILENAME if sharded else path
@@ -116,7 +133,11 @@ def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
             f"checkpoint {path} was written by dpo_lightning {meta['version']}, this is "
             f"{dpo_lightning.__version__}: resume with that version (or start a new run)"
         )
+    if verify and not recorded:
+        check_intact(path)
     diff = config_diff(json.loads(meta["config"]), run_config(cfg))
+    if cfg.get("resume_on_changed_data"):
+        diff = [d for d in diff if not _is_data_source(d.partition(":")[0])]
     if diff:
         more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
         raise UserError(
@@ -124,6 +145,10 @@ def check_checkpoint(path: str, cfg: DictConfig) -> dict[str, Any]:
             "resume with the original settings, or start a new run directory"
         )
     return {**meta, "global_step": int(ckpt.get("global_step", 0))}
+
+
+def _is_data_source(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in DATA_SOURCE)
 
 
 # -- metric history across a resume ------------------------------------------------------------

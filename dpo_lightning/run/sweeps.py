@@ -23,6 +23,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from dpo_lightning.run.rundir import release_run_dirs
+
 log = logging.getLogger("dpo_lightning")
 
 #: Set once by the launching process and inherited by every job it starts (DDP ranks, submitit
@@ -48,7 +50,9 @@ def finish_wandb(exit_code: int = 0) -> None:
 
 
 def run_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
-    """``train(cfg)``; in a multirun a failure is logged and returns NaN instead of raising."""
+    """``train(cfg)``; in a multirun a failure is logged and returns NaN instead of raising.
+    The job's run directory is unlocked at its end (the next job of a sweep may run in this
+    process)."""
     try:
         value = train(cfg)
     except Exception:
@@ -57,5 +61,7 @@ def run_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> flo
             raise
         log.exception("job %s failed; the sweep goes on", HydraConfig.get().job.num)
         return math.nan
+    finally:
+        release_run_dirs()
     finish_wandb()
     return value

@@ -171,6 +171,8 @@ class DPOModule(PolicyModule):
             policy.logps[ri],
             policy.mean_logits[ci],
             policy.mean_logits[ri],
+            policy.lengths[ci],
+            policy.lengths[ri],
         )
         loss, metrics["loss"] = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # global pairs
         n = int(batch["num_pairs"])

@@ -1,9 +1,29 @@
-"""Per-batch preference metrics with TRL 1.16's names, so dashboards carry over."""
+"""Per-batch preference metrics with TRL 1.16's names *and* definitions, so dashboards carry over."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def token_mean_logits(mean_logits: Tensor, lengths: Tensor) -> Tensor:
+    """TRL 1.16's ``logits/chosen`` (``logits/rejected``): the raw logit averaged over the
+    vocabulary and over *every completion token of the batch* (token-weighted), not the mean of
+    per-sequence means.
+
+    Args:
+        mean_logits: (P,) each completion's mean logit over its tokens and the vocabulary
+            (``CompletionStats.mean_logits``).
+        lengths: (P,) completion token counts.
+
+    Returns:
+        ``Σ_i mean_logits_i · |y_i| / Σ_i |y_i|`` (a scalar; 0 when the batch has no completion
+        token, as TRL 1.16). Worked example: completions of 1 and 3 tokens whose per-token mean
+        logits are [4] and [0, 0, 0] give (4 + 0 + 0 + 0) / 4 = 1, where the mean of the two
+        sequence means would give (4 + 0) / 2 = 2.
+    """
+    lengths = lengths.detach().float()
+    return (mean_logits.detach().float() * lengths).sum() / lengths.sum().clamp(min=1.0)
 
 
 def preference_metrics(
@@ -14,8 +34,18 @@ def preference_metrics(
     rejected_logps: Tensor,
     chosen_logits: Tensor,
     rejected_logits: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
 ) -> dict[str, Tensor]:
-    """Batch means of the logged quantities; every input is (P,), one value per pair.
+    """The logged metrics of one batch; every input is (P,), one value per pair.
+
+    As TRL 1.16's ``DPOTrainer``: ``rewards/*``, ``logps/*`` are means over pairs;
+    ``logits/*`` are token-weighted (:func:`token_mean_logits`, from the per-completion mean
+    logits ``chosen_logits``/``rejected_logits`` and the token counts ``*_lengths``). Where the
+    aggregation differs: a training step under data parallelism logs the mean of the ranks'
+    values (``sync_dist``), where TRL 1.16 pools the tokens of all ranks first (equal when the
+    ranks hold as many completion tokens); a validation logs Lightning's pair-weighted mean over
+    its batches, where TRL 1.16 takes the plain mean of per-batch values.
 
     ``grad_weight`` is the mean of ``σ(r̂(yl) − r̂(yw))``, the per-example weight of the DPO
     gradient (paper §4, "What does the DPO update do?"): high when the implicit reward model
@@ -30,7 +60,7 @@ def preference_metrics(
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": chosen_logps.detach().mean(),
         "logps/rejected": rejected_logps.detach().mean(),
-        "logits/chosen": chosen_logits.detach().mean(),
-        "logits/rejected": rejected_logits.detach().mean(),
+        "logits/chosen": token_mean_logits(chosen_logits, chosen_lengths),
+        "logits/rejected": token_mean_logits(rejected_logits, rejected_lengths),
         "grad_weight": torch.sigmoid(rejected_rewards - chosen_rewards).mean(),
     }
