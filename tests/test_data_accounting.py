@@ -94,6 +94,16 @@ def test_kwise_rows_keep_the_pairs_that_still_differ_after_truncation(tokenizer,
     assert all(sorted(map(tuple, p)) == [(0, 2), (1, 2)] for p in dm.train_set["pairs"])
     for batch in dm.train_dataloader():
         assert all(_pair_rows_differ(batch)) and batch["num_pairs"] == 2 * len(batch["input_ids"]) // 3
+    # a completion whose only pair lost its signal goes too: scores 3, 2, 2 -> pairs (0,1) (0,2)
+    # ((1,2) is a tie); 0 and 1 are the same after the cut, so (0,1) goes and with it completion 1
+    tied = {"prompt": "p", "completions": [shared + " good", shared + " fine", " bad"], "scores": [3, 2, 2]}
+    path = write(tmp_path, "k2.jsonl", [tied | {"prompt": f"Review {i}:"} for i in range(4)])
+    dm = make_dm(tokenizer, tmp_path, path=path, format="ranked", max_length=24, max_prompt_length=8)
+    dm.setup("fit")
+    assert dm.report()[path]["notes"] == {"tied_pairs": 4, "identical_after_truncation": 4}
+    for ex in dm.train_set.to_list() + dm.val_set.to_list():
+        assert ex["pairs"] == [[0, 1]] and len(ex["completion_ids"]) == 2
+        assert tokenizer.decode(ex["completion_ids"][1]).startswith(" bad")
 
 
 def split_files(tmp_path, shared: int = 3):

@@ -50,8 +50,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: the policy's tokenizer.
-        path: hub id, local json/jsonl/parquet/csv file, or ``save_to_disk`` folder. A lone local
-            file is the ``train_split`` whatever that is called (validation carved from it).
+        path: hub id, local json/jsonl/parquet/csv/tsv file, folder of such files, or
+            ``save_to_disk`` folder (read by :mod:`dpo_lightning.data.sources`, every fault with
+            its file and line). A lone local file is the ``train_split`` whatever that is called
+            (validation carved from it).
         generator: instead of ``path``, a callable returning a ``datasets.Dataset`` (built-in data).
         name: hub configuration name.
         train_split, val_split: split names; a missing ``val_split`` is carved from train.

@@ -131,9 +131,8 @@ def data_file_parts(path: str, name: str | None) -> dict[str, list[Part]] | None
         return None
     if any(Path(f).suffix.lower() not in READERS for fs in files.values() for f in fs):
         return None
-    config = datasets.DownloadConfig(
-        cache_dir=builder._cache_downloaded_dir, token=builder.token, storage_options=builder.storage_options
-    )
+    # The default download cache, as load_dataset's: a file fetched by either is fetched once.
+    config = datasets.DownloadConfig(token=builder.token, storage_options=builder.storage_options)
     manager = datasets.DownloadManager(
         dataset_name=builder.dataset_name, download_config=config, base_path=builder.base_path
     )
