@@ -111,8 +111,9 @@ READERS: dict[str, tuple[Callable[..., Iterator[Record]], str]] = {
 
 def file_part(label: str, path: str | Path, delimiter: str | None = None) -> Part:
     """A data file as a part, read by the reader of its suffix (csv: ``delimiter`` if given)."""
-    reader, unit = READERS[Path(path).suffix.lower()]
-    if delimiter is not None and unit == "line" and Path(path).suffix.lower() in (".csv", ".tsv"):
+    suffix = Path(path).suffix.lower()
+    reader, unit = READERS[suffix]
+    if delimiter is not None and suffix in (".csv", ".tsv"):  # a data set's own csv settings
         reader = functools.partial(read_csv_records, delimiter=delimiter)
     return Part(label, unit, lambda: reader(path))
 
