@@ -204,3 +204,61 @@ def test_auto_detection_and_refusal():
         AutoFormat().detect([cases["standard"], cases["implicit_prompt"]])
     with pytest.raises(ValueError, match="cannot detect the format"):
         AutoFormat().detect([{"question": "q", "answer": "a"}])
+
+
+def test_auto_detection_tolerates_a_minority_of_bad_rows(capsys):
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(40)]
+    rows[7]["prompt"] = 7  # an int prompt says nothing about the layout
+    rows[9].pop("prompt")  # one row without a prompt looks implicit: outvoted
+    assert isinstance(AutoFormat().detect(rows, "f.jsonl"), StandardFormat)
+    assert "detected format 'standard' (38 of 40 rows" in capsys.readouterr().out
+    # a real mix is refused: 30 standard vs 10 implicit is below the 80% majority
+    mixed = rows[:30] + [{"chosen": "a", "rejected": "b"}] * 10
+    with pytest.raises(ValueError, match="cannot detect the format"):
+        AutoFormat().detect(mixed)
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf"), 10**400])
+@pytest.mark.parametrize("mode", ["all_pairs", "best_vs_worst", "best_vs_random"])
+def test_ranked_nonfinite_score_invalidates_the_row(score, mode):
+    # A NaN compares false with everything: before, its completion silently left every pair
+    # (all_pairs), or best_vs_random crashed on an empty choice.
+    row = {"prompt": "p", "completions": ["a", "b", "c"], "scores": [score, 1, 0]}
+    assert reason(RankedFormat(mode=mode), row) == "nonfinite_score"
+    dicts = {"prompt": "p", "completions": [{"t": "a", "s": 1}, {"t": "b", "s": score}]}
+    assert reason(RankedFormat(mode=mode, text_key="t", score_key="s"), dicts) == "nonfinite_score"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "row"),
+    [
+        (StandardFormat(), {"prompt": "p", "chosen": "Good  film.", "rejected": "Good film. "}),
+        (
+            ImplicitPromptFormat(),
+            {"chosen": "\n\nHuman: x\n\nAssistant: a b", "rejected": "\n\nHuman: x\n\nAssistant: ab"},
+        ),
+        (
+            ConversationalFormat(),
+            {
+                "prompt": "p",
+                "chosen": [{"role": "assistant", "content": "Yes, sure."}],
+                "rejected": [{"role": "assistant", "content": "Yes,\nsure."}],
+            },
+        ),
+        (RankedFormat(), {"prompt": "p", "completions": ["a b", "ab", " a b"], "scores": [3, 2, 1]}),
+    ],
+)
+def test_pairs_that_differ_only_by_whitespace_are_invalid(fmt, row):
+    assert reason(fmt, row) == "differ_only_by_whitespace"
+
+
+def test_ranked_drops_only_the_pairs_without_signal_and_counts_them():
+    # scores 3, 2, 1, 0 -> all_pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3); completions 1 and 2
+    # ("b", "b ") are the same text up to whitespace, so only pair (1,2) goes.
+    row = {"prompt": "p", "completions": ["a", "b", "b ", "d"], "scores": [3, 2, 1, 0]}
+    out = RankedFormat()(row)
+    pairs = {tuple(out["completions"][i] for i in p) for p in out["pairs"]}
+    assert pairs == {("a", "b"), ("a", "b "), ("a", "d"), ("b", "d"), ("b ", "d")}
+    assert out["notes"] == {"whitespace_only_pairs": 1}
+    same = {"prompt": "p", "completions": ["a", "b", "b"], "scores": [3, 2, 1]}
+    assert RankedFormat()(same)["notes"] == {"identical_pairs": 1}

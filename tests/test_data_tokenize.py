@@ -7,7 +7,13 @@ import random
 import pytest
 
 from dpo_lightning.data.chat import tokenize_chat_batch
-from dpo_lightning.data.tokenize import Limits, tokenize_text_batch, truncate
+from dpo_lightning.data.tokenize import (
+    Limits,
+    TokenizedExample,
+    drop_signal_free_pairs,
+    tokenize_text_batch,
+    truncate,
+)
 from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer, train_bpe_tokenizer
 
 B = 1  # a stand-in BOS id for the pure truncation tests
@@ -143,3 +149,52 @@ def test_max_prompt_length_through_the_batch_function(tokenizer, mode):
     )
     expected = full[:6] if mode == "keep_start" else full[:1] + full[-5:]
     assert ex["prompt_ids"] == expected and ex["truncated_prompt"]
+
+
+def test_pairs_identical_after_truncation_are_dropped_not_trained(tokenizer):
+    # " great film, really good" / "... really bad" share their first tokens: cut to 4 tokens
+    # they are the same ids, a pair with no preference (loss ln 2, zero gradient).
+    a, b = " great film, really good", " great film, really bad"
+    ex = text_example(tokenizer, "Review:", [a, b], max_length=14)
+    assert ex["drop_reason"] == "identical_after_truncation" and ex["truncated_completion"]
+    assert ex["completion_ids"][0] == ex["completion_ids"][1]
+    ex = text_example(tokenizer, "Review:", [a, b], max_length=64)  # room for the difference
+    assert ex["drop_reason"] is None and ex["pairs"] == [[0, 1]]
+
+
+def test_truncated_pairs_equal_up_to_whitespace_are_dropped():
+    # ids differ (a double space is its own token) but the cut texts are the same up to whitespace
+    comps = {"a  b x": [5, 9, 9, 6, 7], "a b y": [5, 9, 6, 8]}
+    decode = {(5, 9, 9, 6): "a  b", (5, 9, 6): "a b"}.__getitem__
+    ex = TokenizedExample([B], [comps["a  b x"][:4], comps["a b y"][:3]], truncated_completion=True)
+    assert drop_signal_free_pairs(ex, [[0, 1]], lambda ids: decode(tuple(ids))) == [[0, 1]]
+    assert ex.drop_reason == "identical_after_truncation"
+
+
+def test_kwise_rows_lose_only_the_pairs_without_signal_and_their_unused_completions():
+    # completions 0..3; pairs (0,1) (2,3); 2 and 3 became the same ids: pair (2,3) goes, and with
+    # it completions 2 and 3 (no pair uses them); pair (0,1) is re-indexed unchanged.
+    ex = TokenizedExample([B], [[4, 5], [4, 6], [7, 7], [7, 7]], truncated_completion=True)
+    pairs = drop_signal_free_pairs(ex, [[0, 1], [2, 3]], str)
+    assert pairs == [[0, 1]] and ex.completion_ids == [[4, 5], [4, 6]] and ex.drop_reason is None
+    assert ex.notes == ["identical_after_truncation"]
+    # three completions, all_pairs by score 3 > 2 > 1: (0,1) (0,2) (1,2); 1 == 2 after the cut
+    ex = TokenizedExample([B], [[4, 5], [7, 8], [7, 8]], truncated_completion=True)
+    pairs = drop_signal_free_pairs(ex, [[0, 1], [0, 2], [1, 2]], str)
+    assert pairs == [[0, 1], [0, 2]] and len(ex.completion_ids) == 3
+
+
+def test_texts_the_tokenizer_maps_to_the_same_ids_are_dropped():
+    # A word-level tokenizer with an unknown token: two different emoji are both [UNK], so the
+    # two completions are one id sequence although their texts differ.
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "Review:": 3, "great": 4, "film": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+    ex = text_example(tok, "Review:", [" great film \U0001f600", " great film \U0001f389"])
+    assert ex["drop_reason"] == "identical_after_tokenization" and not ex["truncated_completion"]
+    kept = text_example(tok, "Review:", [" great film", " film"])
+    assert kept["drop_reason"] is None

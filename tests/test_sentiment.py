@@ -258,3 +258,9 @@ def test_gguf_file_reaches_from_pretrained(monkeypatch):
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     load_causal_lm("some/folder", gguf_file="model-q8_0.gguf")
     assert seen["name"] == "some/folder" and seen["gguf_file"] == "model-q8_0.gguf"
+
+
+def test_preference_rows_skip_pairs_equal_up_to_whitespace():
+    # the data layer drops such pairs (differ_only_by_whitespace): labelling never writes them
+    rows = preference_rows(["p"], [[" good", " bad", "bad  "]], [[1.0, -1.0, -0.5]], AllPairs())
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [(" good", " bad"), (" good", "bad  ")]

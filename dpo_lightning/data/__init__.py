@@ -1,8 +1,11 @@
 """Preference data: loading, row formats, validation, tokenization, collation, sampling, the
 DataModule.
 
-file → rows (``validate``: every fault counted with its line) → tokens (``tokenize``, cached) →
-batches (``collate``, or the collator of the engine that reads them). Imports no engine, stage,
-reference or run module: the batch conventions (``IGNORE_INDEX``, pair indices) live here and
-the compute layer reads them.
+file → records (``sources``: a reader per file type, folders and hub data sets resolved to their
+files) → rows (``validate``: every fault counted with its file and line) → tokens (``tokenize``,
+cached; pairs left without signal dropped) → splits (``splits``: carved validation, rows in both
+splits counted) → batches (``collate``, or the collator of the engine that reads them).
+
+Imports no engine, stage, reference or run module (``run.errors`` aside, a leaf): the batch
+conventions (``IGNORE_INDEX``, pair indices) live here and the compute layer reads them.
 """

@@ -21,6 +21,12 @@ FORMATS: dict[str, type[RowFormat]] = {
 }
 
 
+# The share of the sampled rows that show a layout which that layout must have to be picked:
+# a minority of bad rows does not block detection (they are then checked, and counted, as rows
+# of the detected format), a real mix of layouts does.
+MAJORITY = 0.8
+
+
 def detect_one(row: dict[str, Any], columns: dict[str, str | None]) -> str | None:
     """The format one row looks like, or None when it says nothing (nulls, odd types)."""
 
@@ -34,7 +40,9 @@ def detect_one(row: dict[str, Any], columns: dict[str, str | None]) -> str | Non
         prompt = get("prompt")
         if isinstance(prompt, list):
             return "conversational"
-        return "standard" if isinstance(prompt, str) else "implicit_prompt"
+        if prompt is None:  # no prompt column, or a null one: the prompt is in the transcripts
+            return "implicit_prompt"
+        return "standard" if isinstance(prompt, str) else None
     completions, scores = get("completions"), get("scores")
     if isinstance(completions, list) and isinstance(scores, list):
         return "ranked"
@@ -46,6 +54,10 @@ def detect_one(row: dict[str, Any], columns: dict[str, str | None]) -> str | Non
 
 class AutoFormat:
     """Picks a format from the first rows (``data.format=auto``); refuses when unclear.
+
+    The layout shown by at least :data:`MAJORITY` of the sampled rows that show one is picked;
+    the other rows (an int prompt, a null, ...) are then checked, and dropped or stopped on, as
+    rows of that format. Below that share the data is a mix, and detection refuses.
 
     Detected: ``{prompt, chosen, rejected}`` strings → standard; ``{chosen, rejected}`` strings →
     implicit_prompt; message lists → conversational; ``{prompt, completions, scores}`` → ranked;
@@ -69,15 +81,17 @@ class AutoFormat:
         return out
 
     def detect(self, rows: Iterable[dict[str, Any]], source: str = "data") -> RowFormat:
+        rows = list(rows)
         votes = Counter(k for k in (detect_one(r, self.columns) for r in rows) if k)
-        if len(votes) != 1:
+        name, n = votes.most_common(1)[0] if votes else (None, 0)
+        if name is None or n < MAJORITY * sum(votes.values()):
             seen = dict(votes) or "no known layout"
             raise ValueError(
                 f"{source}: cannot detect the format ({seen}); set data.format to one of "
                 f"{sorted(FORMATS)} (and data.columns.* for other column names)"
             )
-        name = next(iter(votes))
-        print(f"[dpo_lightning] data {source}: detected format {name!r}")
+        others = f"; the other {len(rows) - n} are checked as such rows" if n < len(rows) else ""
+        print(f"[dpo_lightning] data {source}: detected format {name!r} ({n} of {len(rows)} rows{others})")
         return FORMATS[name](columns=self.columns, system_prompt=self.system_prompt, **self.kwargs)
 
     def __repr__(self) -> str:

@@ -22,7 +22,7 @@ from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 # Bump when tokenisation output changes for the same inputs (invalidates old cache files).
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: pairs without signal after truncation are removed
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

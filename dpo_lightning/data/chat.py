@@ -46,11 +46,19 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lightning.data.formats import InvalidRow, RowFormat, check_text, common_prefix, require_value
+from dpo_lightning.data.formats import (
+    InvalidRow,
+    RowFormat,
+    check_preference,
+    check_text,
+    common_prefix,
+    require_value,
+)
 from dpo_lightning.data.tokenize import (
     Limits,
     TokenizedExample,
     dedup_bos,
+    drop_signal_free_pairs,
     example_record,
 )
 
@@ -247,8 +255,7 @@ class ConversationalFormat(RowFormat):
             raise InvalidRow("completion_not_assistant")
         if any(m["role"] == "tool" for m in chosen + rejected):
             raise InvalidRow("tool_message_in_completion")
-        if chosen == rejected:
-            raise InvalidRow("chosen_equals_rejected")
+        check_preference(chosen, rejected)
         prompt = self.with_system_message(prompt, row)
         return {"prompt": prompt, "completions": [chosen, rejected], "pairs": [[0, 1]], "tools": tools}
 
@@ -316,6 +323,7 @@ def tokenize_chat_batch(
         else:
             ex = TokenizedExample(prompt_ids, [], drop_reason=drop)
         ex.notes = notes
-        for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
+        pairs = drop_signal_free_pairs(ex, batch["pairs"][i], tokenizer.decode)
+        for key, value in example_record(batch["row_id"][i], pairs, ex).items():
             out.setdefault(key, []).append(value)
     return out

@@ -9,10 +9,7 @@ is built once, for the engine that will read it.
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +27,20 @@ from dpo_lightning.data.cache import (
     tokenizer_fingerprint,
 )
 from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
-from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
 from dpo_lightning.data.sampler import ResumableSampler
+from dpo_lightning.data.sources import dataset_part, split_parts
+from dpo_lightning.data.splits import (
+    CROSS_SPLIT_POLICIES,
+    Tokenized,
+    carve,
+    cross_split_duplicates,
+    duplicates_line,
+)
 from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.data.unpaired import LabelledCollator, unpair_example
-from dpo_lightning.data.validate import (
-    JSON_SUFFIXES,
-    Record,
-    dataset_records,
-    normalize_records,
-    raise_if_invalid,
-    read_json_records,
-)
+from dpo_lightning.data.validate import Ledger, Part, SplitRows, raise_if_invalid, read_split
 
 # Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``), and the one
 # unpaired data adds (a bool per completion).
@@ -51,22 +48,15 @@ BATCH_COLUMNS = ["prompt_ids", "completion_ids", "pairs", "row_id"]
 LABELS = "labels"
 
 
-@dataclass
-class Source:
-    """One raw split: where it comes from and how to read its records."""
-
-    label: str
-    unit: str
-    records: Callable[[], Iterator[Record]]
-
-
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs (or K-wise rankings) for DPO.
 
     Args:
         tokenizer: the policy's tokenizer.
-        path: hub id, local json/jsonl/parquet/csv file, or ``save_to_disk`` folder. A lone local
-            file is the ``train_split`` whatever that is called (validation carved from it).
+        path: hub id, local json/jsonl/parquet/csv/tsv file, folder of such files, or
+            ``save_to_disk`` folder (read by :mod:`dpo_lightning.data.sources`, every fault with
+            its file and line). A lone local file is the ``train_split`` whatever that is called
+            (validation carved from it).
         generator: instead of ``path``, a callable returning a ``datasets.Dataset`` (built-in data).
         name: hub configuration name.
         train_split, val_split: split names; a missing ``val_split`` is carved from train.
@@ -92,6 +82,9 @@ class PreferenceDataModule(L.LightningDataModule):
         group_mega_batch_mult: mega-batch size, in batches, for grouping.
         num_proc: processes for tokenisation (``datasets.map``); null = this process.
         cache_dir: tokenisation cache folder (default ``$HF_DATASETS_CACHE/dpo_lightning``).
+        cross_split_duplicates: rows whose content is in both train and validation are counted;
+            ``report`` keeps them, ``keep_in_train`` / ``keep_in_validation`` drops the other
+            side's copies (:mod:`dpo_lightning.data.splits`).
     """
 
     def __init__(
@@ -121,6 +114,7 @@ class PreferenceDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str | None = None,
         layout: BatchLayout | None = None,
+        cross_split_duplicates: str = "report",
         unpair: bool = False,
     ) -> None:
         super().__init__()
@@ -128,6 +122,11 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError("give exactly one of data.path or data.generator")
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        if cross_split_duplicates not in CROSS_SPLIT_POLICIES:
+            raise ValueError(
+                f"data.cross_split_duplicates must be one of {list(CROSS_SPLIT_POLICIES)}, "
+                f"got {cross_split_duplicates!r}"
+            )
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
         self.tokenizer = tokenizer
@@ -145,9 +144,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.group_by_length, self.group_mega_batch_mult = group_by_length, group_mega_batch_mult
         self.num_proc = num_proc
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cross_split_duplicates = cross_split_duplicates
         make_collator = layout.collator if layout is not None else PreferenceCollator
-        self.unpair = unpair
         self.collator = make_collator(tokenizer.pad_token_id, padding_side, pad_to_multiple_of)
+        self.unpair = unpair
         # What the loaders call: labelled (unpaired) examples also get their mismatched rows.
         self.collate_fn = LabelledCollator(
             self.collator, self.limits, getattr(tokenizer, "bos_token_id", None)
@@ -160,62 +160,44 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        sources = self._sources()
+        parts = self._parts()
         if isinstance(self.format, AutoFormat):
-            train = sources[self.train_split]
-            sample = [r.row for _, r in zip(range(200), train.records(), strict=False) if r.row is not None]
-            self.format = self.format.detect(sample, train.label)
+            train = parts[self.train_split]
+            self.format = self.format.detect(sample_rows(train, 200), train[0].label)
         fmt = self.format
         if self.unpair:
             fmt = lambda row: unpair_example(self.format(row))  # noqa: E731
-        rows = {}
-        for split, src in sources.items():
-            report = self.reports.setdefault(src.label, DataReport(source=src.label, unit=src.unit))
-            rows[split] = (normalize_records(src.records(), fmt, report), report)
-
-        train_rows, train_report = rows[self.train_split]
-        if self.val_split in rows:
-            val_rows, val_report = rows[self.val_split]
+        read = {split: read_split(ps, fmt, self.reports) for split, ps in parts.items()}
+        train = Tokenized.of(self._tokenize(read[self.train_split]), read[self.train_split])
+        if self.val_split in read:
+            val = Tokenized.of(self._tokenize(read[self.val_split]), read[self.val_split])
         else:
-            train_rows, val_rows = self._carve(train_rows)
-            val_report = train_report
-        self.train_set = self._tokenize(train_rows, train_report)
-        self.val_set = self._tokenize(val_rows, val_report)
+            train, val = carve(train, self.val_fraction, self.seed)
+        train, val = cross_split_duplicates(train, val, self.cross_split_duplicates)
+        self.train_set, self.val_set = train.ds, val.ds
         # One stop with every fault kind, length faults included (tokenising the valid rows is
         # cheap next to a second round trip, and cached for the next run).
         raise_if_invalid(list(self.reports.values()), self.on_invalid)
         for report in self.reports.values():
             print(f"[dpo_lightning] data {report.summary_line()}")
+        line = duplicates_line(train, val, self.cross_split_duplicates)
+        if line:
+            print(f"[dpo_lightning] data: {line}")
         for split, ds in (("train", self.train_set), ("validation", self.val_set)):
             if len(ds) == 0:
                 raise ValueError(f"data: no usable rows left for {split}; see the counts above")
 
-    def _sources(self) -> dict[str, Source]:
+    def _parts(self) -> dict[str, list[Part]]:
+        """The files (or data sets) of each split, by split name."""
         if self.generator is not None:
-            ds = self.generator()
             label = f"{getattr(self.generator, '__name__', 'generator')}[{self.train_split}]"
-            return {self.train_split: Source(label, "row", lambda: dataset_records(ds))}
-        local = Path(self.path).expanduser()
-        if local.is_file() and local.suffix.lower() in JSON_SUFFIXES:
-            return {self.train_split: Source(str(local), "line", lambda: read_json_records(local))}
-        dd = load_raw(self.path, self.name)
-        if local.is_file():  # a lone csv / parquet file
-            return {self.train_split: Source(str(local), "row", lambda: dataset_records(dd["train"]))}
-        if self.train_split not in dd:
-            raise ValueError(f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}")
-        splits = [s for s in (self.train_split, self.val_split) if s and s in dd]
-        return {s: Source(f"{self.path}[{s}]", "row", _records_of(dd[s])) for s in splits}
+            return {self.train_split: [dataset_part(label, self.generator())]}
+        return split_parts(self.path, self.name, self.train_split, self.val_split)
 
-    def _carve(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        """Hold out ``val_fraction`` of the train rows (at least one), with ``seed``."""
-        order = list(range(len(rows)))
-        random.Random(self.seed).shuffle(order)
-        n_val = min(max(1, math.ceil(self.val_fraction * len(rows))), max(len(rows) - 1, 0))
-        held = set(order[:n_val])
-        return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
-
-    def _tokenize(self, rows: list[dict], report: DataReport) -> datasets.Dataset:
-        """Tokenise valid rows through a cache keyed by content; count drops and truncations."""
+    def _tokenize(self, split: SplitRows) -> datasets.Dataset:
+        """Tokenise valid rows through a cache keyed by content; count drops and truncations,
+        each in the report of the file the row came from."""
+        rows = split.rows
         if not rows:
             return datasets.Dataset.from_dict({c: [] for c in [*BATCH_COLUMNS, "length"]})
         fn = self.format.tokenize_batch
@@ -226,7 +208,8 @@ class PreferenceDataModule(L.LightningDataModule):
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache_file = cache_dir / f"tokenized-{fp}.arrow"
         hit = any(cache_dir.glob(f"tokenized-{fp}*.arrow"))  # num_proc writes one file per shard
-        report.tokenize_cache = "hit" if hit and report.tokenize_cache != "miss" else "miss"
+        for report in split.ledger.reports:
+            report.tokenize_cache = "hit" if hit and report.tokenize_cache != "miss" else "miss"
         raw = datasets.Dataset.from_list(rows)
         tokenized = raw.map(
             fn,
@@ -239,21 +222,7 @@ class PreferenceDataModule(L.LightningDataModule):
             num_proc=self.num_proc if self.num_proc and len(rows) > 1000 else None,
             desc="tokenize",
         )
-        cols = tokenized.select_columns(
-            ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
-        ).to_dict()
-        keep = []
-        for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=False)):
-            if reason:
-                report.drop(reason, row_id + 1)
-                continue
-            keep.append(i)
-            report.truncate("prompt", int(cols["truncated_prompt"][i]))
-            report.truncate("completion", int(cols["truncated_completion"][i]))
-            for note in cols["notes"][i] or ():
-                report.note(note)
-        report.truncated = +report.truncated  # drop zero counts
-        report.rows_kept += len(keep)
+        keep = account(tokenized, split.ledger)
         return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
     @property
@@ -319,5 +288,38 @@ class PreferenceDataModule(L.LightningDataModule):
         return {src: r.as_dict() for src, r in self.reports.items()}
 
 
-def _records_of(ds: datasets.Dataset) -> Callable[[], Iterator[Record]]:
-    return lambda: dataset_records(ds)
+def sample_rows(parts: list[Part], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` readable rows of a split, across its parts (for format detection)."""
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        for rec in part.records():
+            if len(out) == n:
+                return out
+            if rec.row is not None:
+                out.append(rec.row)
+    return out
+
+
+def account(tokenized: datasets.Dataset, ledger: Ledger) -> list[int]:
+    """Count the drops, truncations and notes of tokenisation in each row's own report; returns
+    the indices of the rows kept."""
+    cols = tokenized.select_columns(
+        ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
+    ).to_dict()
+    keep = []
+    reports: dict[int, DataReport] = {}
+    for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=True)):
+        report, location = ledger.locate(row_id)
+        reports[id(report)] = report
+        if reason:
+            report.drop(reason, location)
+            continue
+        keep.append(i)
+        report.rows_kept += 1
+        report.truncate("prompt", int(cols["truncated_prompt"][i]))
+        report.truncate("completion", int(cols["truncated_completion"][i]))
+        for note in cols["notes"][i] or ():
+            report.note(note)
+    for report in reports.values():
+        report.truncated = +report.truncated  # drop zero counts
+    return keep

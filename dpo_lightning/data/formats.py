@@ -1,10 +1,11 @@
 """Row formats: turn one raw row into ``{prompt, completions, pairs}`` or name what is wrong.
 
 A format is a callable ``row -> dict`` that raises :class:`InvalidRow` with a short reason key
-(``null_chosen``, ``chosen_equals_rejected``, ...); :mod:`dpo_lightning.data.validate` counts
-reasons per row and applies ``data.on_invalid``. ``completions`` is a list of K completions and
-``pairs`` a list of ``[winner, loser]`` indices into it. A format may add ``notes``
-(``{kind: count}``) for things it changed without dropping the row (ties dropped, ...).
+(``null_chosen``, ``chosen_equals_rejected``, ``differ_only_by_whitespace``, ...);
+:mod:`dpo_lightning.data.validate` counts reasons per row and applies ``data.on_invalid``.
+``completions`` is a list of K completions and ``pairs`` a list of ``[winner, loser]`` indices
+into it. A format may add ``notes`` (``{kind: count}``) for things it changed without dropping
+the row (ties dropped, ...).
 
 Text formats (this module, :class:`~dpo_lightning.data.ranked.RankedFormat`) give strings;
 :class:`~dpo_lightning.data.chat.ConversationalFormat` gives message lists rendered later with the
@@ -50,6 +51,26 @@ def check_text(value: Any, key: str) -> str:
 def require_text(row: dict[str, Any], key: str) -> str:
     """``row[key]`` as a non-empty string, else :class:`InvalidRow` naming the fault."""
     return check_text(require_value(row, key), key)
+
+
+def squash_whitespace(value: Any) -> Any:
+    """``value`` with the whitespace removed from every string in it (message lists too)."""
+    if isinstance(value, str):
+        return "".join(value.split())
+    if isinstance(value, dict):
+        return {k: squash_whitespace(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [squash_whitespace(v) for v in value]
+    return value
+
+
+def check_preference(chosen: Any, rejected: Any) -> None:
+    """:class:`InvalidRow` when chosen and rejected are the same (``chosen_equals_rejected``) or
+    the same up to whitespace (``differ_only_by_whitespace``): no preference to learn."""
+    if chosen == rejected:
+        raise InvalidRow("chosen_equals_rejected")
+    if squash_whitespace(chosen) == squash_whitespace(rejected):
+        raise InvalidRow("differ_only_by_whitespace")
 
 
 def render_template(template: str, row: dict[str, Any]) -> str:
@@ -114,6 +135,10 @@ class RowFormat:
     def source_columns(self) -> list[str]:
         return [c for c in self.columns.values() if c]
 
+    def number_columns(self) -> tuple[str, ...]:
+        """Columns read as numbers (parsed from text in csv files); none for pair formats."""
+        return ()
+
     def system_for(self, row: dict[str, Any]) -> str | None:
         col = self.columns.get("system")
         if col and row.get(col) is not None:
@@ -157,8 +182,7 @@ class StandardFormat(RowFormat):
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         prompt = self.text_prompt(row)
         chosen, rejected = (require_text(row, self.col(k)) for k in ("chosen", "rejected"))
-        if chosen == rejected:
-            raise InvalidRow("chosen_equals_rejected")
+        check_preference(chosen, rejected)
         return {"prompt": prompt, "completions": [chosen, rejected], "pairs": [[0, 1]]}
 
 
@@ -207,8 +231,7 @@ class ImplicitPromptFormat(RowFormat):
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         chosen, rejected = (require_text(row, self.col(k)) for k in ("chosen", "rejected"))
-        if chosen == rejected:
-            raise InvalidRow("chosen_equals_rejected")
+        check_preference(chosen, rejected)
         cut = shared_prefix_cut(chosen, rejected, self.marker)
         prompt = chosen[:cut]
         if not prompt.strip():

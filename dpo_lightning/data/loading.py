@@ -26,10 +26,10 @@ def load_raw(path: str, name: str | None = None, split: str | None = None) -> da
                 f"use one of {sorted(FILE_BUILDERS)} or a save_to_disk folder"
             )
         dd = datasets.load_dataset(builder, data_files={"train": str(local)})
-    elif local.is_dir() and _is_saved_dataset(local):
+    elif local.is_dir() and is_saved_dataset(local):
         loaded = datasets.load_from_disk(str(local))
         dd = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    elif local.exists() or path.startswith((".", "/", "~")):
+    elif local.exists() or looks_local(path):
         if not local.exists():
             raise FileNotFoundError(f"data.path {path!r} does not exist")
         dd = datasets.load_dataset(str(local), name)
@@ -42,5 +42,10 @@ def load_raw(path: str, name: str | None = None, split: str | None = None) -> da
     return dd
 
 
-def _is_saved_dataset(folder: Path) -> bool:
+def looks_local(path: str) -> bool:
+    """Whether a missing ``path`` was meant as a local path (not sent to the hub)."""
+    return path.startswith((".", "/", "~"))
+
+
+def is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()

@@ -4,7 +4,12 @@ Every completion becomes one row of the batch and is forwarded once per step, ho
 it is in: pairs are indices into the K completions (the index API of
 :func:`dpo_lightning.losses.dpo_loss`, ``yw_idxs`` / ``yl_idxs``). Completions in no pair are not
 kept. Pairs with equal scores carry no preference: they are never formed, and counted
-(note ``tied_pairs``).
+(note ``tied_pairs``); so do pairs of identical completions (note ``identical_pairs``) or of
+completions that differ only by whitespace (note ``whitespace_only_pairs``). A score that is
+null, not a number, NaN or infinite makes the whole row invalid (``null_score``,
+``wrong_type_score``, ``nonfinite_score``): dropping only that completion would silently change
+the ranking, and a NaN compares false with everything, so its completion would vanish from every
+pair.
 
 Pair modes (``data.format.mode``), each a small function in :data:`PAIR_MODES`:
 ``all_pairs`` (every ordered pair with a strict preference), ``best_vs_worst``,
@@ -14,6 +19,7 @@ Pair modes (``data.format.mode``), each a small function in :data:`PAIR_MODES`:
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import zlib
 from collections.abc import Callable
@@ -28,6 +34,7 @@ from dpo_lightning.data.formats import (
     render_template,
     require_text,
     require_value,
+    squash_whitespace,
 )
 from dpo_lightning.data.tokenize import tokenize_text_batch
 
@@ -57,6 +64,21 @@ PAIR_MODES: dict[str, Callable[[list[float], random.Random], Pairs]] = {
     "best_vs_worst": best_vs_worst,
     "best_vs_random": best_vs_random,
 }
+
+
+def finite_score(value: Any) -> float:
+    """A score as a finite float, else :class:`InvalidRow` ``null_/wrong_type_/nonfinite_score``."""
+    if value is None:
+        raise InvalidRow("null_score")
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise InvalidRow("wrong_type_score")
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range (a 400-digit JSON number)
+        raise InvalidRow("nonfinite_score") from None
+    if not math.isfinite(out):
+        raise InvalidRow("nonfinite_score")
+    return out
 
 
 def count_ties(scores: list[float]) -> int:
@@ -112,6 +134,10 @@ class RankedFormat(RowFormat):
         """Chat rows through the chat template, text rows as plain text."""
         return tokenize_chat_batch if self.chat else tokenize_text_batch
 
+    def number_columns(self) -> tuple[str, ...]:
+        """Score columns (one per completion) and the choice column: numbers in csv files."""
+        return (*(self.score_columns or ()), *([self.choice_column] if self.choice_column else []))
+
     def texts_and_scores(self, row: dict[str, Any]) -> tuple[list[str], list[Any]]:
         if self.completion_columns:
             texts = [require_text(row, c) for c in self.completion_columns]
@@ -156,24 +182,25 @@ class RankedFormat(RowFormat):
             raise InvalidRow("fewer_than_two_completions")
         if len(scores) != len(texts):
             raise InvalidRow("scores_do_not_match_completions")
-        for s in scores:
-            if s is None:
-                raise InvalidRow("null_score")
-            if not isinstance(s, Real) or isinstance(s, bool):
-                raise InvalidRow("wrong_type_score")
-        scores = [float(s) if self.higher_is_better else -float(s) for s in scores]
+        scores = [finite_score(s) if self.higher_is_better else -finite_score(s) for s in scores]
         if len(set(scores)) < 2:
             raise InvalidRow("fewer_than_two_distinct_scores")
         if self.chat and any(t[0]["role"] != "assistant" for t in texts):
             raise InvalidRow("completion_not_assistant")
         rng = random.Random(zlib.crc32(repr(prompt).encode()) ^ self.seed)
         candidates = PAIR_MODES[self.mode](scores, rng)
-        pairs = [(w, lose) for w, lose in candidates if texts[w] != texts[lose]]
+        squashed = [squash_whitespace(t) for t in texts]
+        identical = sum(texts[w] == texts[lose] for w, lose in candidates)
+        pairs = [(w, lose) for w, lose in candidates if squashed[w] != squashed[lose]]
         if not pairs:
-            raise InvalidRow("chosen_equals_rejected")
+            raise InvalidRow("chosen_equals_rejected" if identical else "differ_only_by_whitespace")
         used = sorted({i for p in pairs for i in p})  # keep only completions some pair uses
         index = {old: new for new, old in enumerate(used)}
-        notes = {"tied_pairs": count_ties(scores), "identical_pairs": len(candidates) - len(pairs)}
+        notes = {
+            "tied_pairs": count_ties(scores),
+            "identical_pairs": identical,
+            "whitespace_only_pairs": len(candidates) - len(pairs) - identical,
+        }
         return {
             "prompt": prompt,
             "completions": [texts[i] for i in used],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -18,6 +19,14 @@ HINTS = {
     "prompt_fills_max_length": "raise data.max_length or set data.max_prompt_length to cut prompts",
     "undecodable_line": "the line is not UTF-8",
     "malformed_json_line": "the line is not one JSON object",
+    "csv_extra_fields": "more fields than the header: quote fields that hold the delimiter",
+    "csv_missing_fields": "fewer fields than the header: a line break or quote inside an unquoted field?",
+    "malformed_csv_line": "bad quoting: a quote inside a field must be doubled and the field quoted",
+    "unencodable_text": "a string holds a lone UTF-16 surrogate (JSON \\ud800 ...), not text",
+    "nonfinite_score": "a score is NaN or infinite: give it a finite value or remove the completion",
+    "differ_only_by_whitespace": "chosen and rejected are the same text up to whitespace: no preference",
+    "identical_after_truncation": "raise data.max_length (or data.max_prompt_length) to keep the difference",
+    "identical_after_tokenization": "the texts differ only in what the tokenizer cannot tell apart",
     "unknown_role": "roles must be system/user/assistant/tool (format.roles)",
     "chat_template_not_prefix": "the chat template renders the history unlike the prompt",
     "malformed_tool_call": "tool_calls must be a list of {function: {name, arguments: object}}",
@@ -32,11 +41,15 @@ def hint(reason: str) -> str:
 
 @dataclass
 class DataReport:
-    """Counts of dropped and truncated rows by reason, with the first few row numbers of each.
+    """Counts of dropped and truncated rows by reason, with the first five row numbers of each.
 
-    ``dropped`` rows are not trained on; ``truncated`` rows are trained on, shortened; ``notes``
-    count changes inside kept rows (tied pairs not formed, chat completions re-tokenised).
-    ``unit`` names what the numbers in ``examples`` count (``line`` for JSON Lines files).
+    One report per file (or in-memory data set). Every row read is counted once:
+    ``rows_in = rows_kept + sum(dropped.values())``. ``dropped`` rows are not trained on;
+    ``truncated`` rows are trained on, shortened; ``notes`` count changes inside kept rows (tied
+    pairs not formed, pairs that lost their difference to truncation, chat completions
+    re-tokenised). ``unit`` names what the numbers in ``examples`` count (``line`` for JSON Lines
+    and csv files, ``row`` for Arrow-backed data). ``duplicated_across_splits`` counts, by split,
+    the rows whose content is also in the other split.
     """
 
     source: str = "<data>"
@@ -48,11 +61,19 @@ class DataReport:
     notes: Counter = field(default_factory=Counter)
     rows_kept: int = 0
     tokenize_cache: str | None = None  # "hit" | "miss": whether tokenisation was loaded from cache
+    # Rows whose content is also in the other split, by the split they are in.
+    duplicated_across_splits: Counter = field(default_factory=Counter)
+    # Reasons of rows dropped by a setting (de-duplication), not faults: no error under "error".
+    deliberate: set[str] = field(default_factory=set)
 
-    def drop(self, reason: str, row: int) -> None:
+    def drop(self, reason: str, row: int, deliberate: bool = False) -> None:
         self.dropped[reason] += 1
-        if len(self.examples[reason]) < 5:
-            self.examples[reason].append(row)
+        if deliberate:
+            self.deliberate.add(reason)
+        # the first five rows of the file, whichever pass (validation, tokenisation) found them
+        first = self.examples[reason]
+        bisect.insort(first, row)
+        del first[5:]
 
     def truncate(self, reason: str, n: int = 1) -> None:
         self.truncated[reason] += n
@@ -67,6 +88,7 @@ class DataReport:
             f"({self.unit}s {', '.join(map(str, self.examples[reason]))}"
             f"{', ...' if n > len(self.examples[reason]) else ''}){hint(reason)}"
             for reason, n in sorted(self.dropped.items())
+            if reason not in self.deliberate
         ]
 
     def as_dict(self) -> dict:
@@ -81,6 +103,7 @@ class DataReport:
             "notes": dict(self.notes),
             "rows_kept": self.rows_kept,
             "tokenize_cache": self.tokenize_cache,
+            "duplicated_across_splits": dict(self.duplicated_across_splits),
         }
 
     def summary_line(self) -> str:
@@ -89,4 +112,9 @@ class DataReport:
             f"dropped {dict(self.dropped) or 0}, truncated {dict(self.truncated) or 0}"
             + (f", notes {dict(self.notes)}" if self.notes else "")
             + (f", tokenization cache {self.tokenize_cache}" if self.tokenize_cache else "")
+            + (
+                f", also in the other split {dict(self.duplicated_across_splits)}"
+                if self.duplicated_across_splits
+                else ""
+            )
         )

@@ -15,11 +15,18 @@ Truncation, in order (as in the DPO authors' ``tokenize_batch_element``):
 3. if prompt + longest completion exceeds ``max_length``, the prompt is cut further, but not
    below ``min(len(prompt), max(1, max_length // 2))`` tokens;
 4. completions are then cut from the end to fit, never to zero tokens (the rule above leaves at
-   least one position for them).
+   least one position for them);
+5. a pair whose two completions are then the same ids — or, once cut, the same text up to
+   whitespace — carries no preference (its loss is ln 2 with zero gradient whatever the model):
+   it is removed (:func:`drop_signal_free_pairs`). In a K-wise row only such pairs go, with the
+   completions no pair uses any more (one note of that reason per pair); a row left
+   with no pair is dropped (``identical_after_truncation``, or ``identical_after_tokenization``
+   when nothing was cut: texts the tokenizer maps to the same ids).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +120,43 @@ class Limits:
         )
 
 
+def squash(text: str) -> str:
+    """``text`` without its whitespace (to compare two texts up to whitespace)."""
+    return "".join(text.split())
+
+
+def drop_signal_free_pairs(
+    ex: TokenizedExample, pairs: list[list[int]], decode: Callable[[list[int]], str]
+) -> list[list[int]]:
+    """The pairs of ``ex`` that still carry a preference after truncation (rule 5 above).
+
+    Removes from ``ex`` the completions no kept pair uses (pairs re-indexed to match), notes each
+    removed pair, and sets ``ex.drop_reason`` when none is left. ``decode`` (ids -> text) is only
+    called for pairs of a cut row whose ids differ.
+    """
+    if ex.drop_reason is not None or not pairs:
+        return pairs
+    comps = ex.completion_ids
+
+    def same(w: int, lose: int) -> bool:
+        if comps[w] == comps[lose]:
+            return True
+        return ex.truncated_completion and squash(decode(comps[w])) == squash(decode(comps[lose]))
+
+    kept = [p for p in pairs if not same(*p)]
+    if len(kept) == len(pairs):
+        return pairs
+    reason = "identical_after_truncation" if ex.truncated_completion else "identical_after_tokenization"
+    if not kept:
+        ex.drop_reason = reason
+        return pairs
+    used = sorted({i for p in kept for i in p})
+    index = {old: new for new, old in enumerate(used)}
+    ex.completion_ids = [comps[i] for i in used]
+    ex.notes += [reason] * (len(pairs) - len(kept))
+    return [[index[w], index[lose]] for w, lose in kept]
+
+
 def example_record(row_id: int, pairs: list[list[int]], ex: TokenizedExample) -> dict[str, Any]:
     """One tokenised row as stored in the cached data set (``length``: longest padded row)."""
     longest = max((len(c) for c in ex.completion_ids), default=0)
@@ -151,6 +195,7 @@ def tokenize_text_batch(
             comps = [with_eos(c, eos) for c in comps]
         prompt_ids = dedup_bos(prompt_ids, bos)
         ex = limits.apply(prompt_ids, comps, bos)
-        for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
+        pairs = drop_signal_free_pairs(ex, batch["pairs"][i], tokenizer.decode)
+        for key, value in example_record(batch["row_id"][i], pairs, ex).items():
             out.setdefault(key, []).append(value)
     return out

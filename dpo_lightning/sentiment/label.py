@@ -14,6 +14,8 @@ from itertools import combinations
 
 import datasets
 
+from dpo_lightning.data.formats import squash_whitespace
+
 
 class AllPairs:
     """Every pair (i, j) of the K completions with different scores, winner first."""
@@ -38,12 +40,13 @@ class BestVsWorst:
 def preference_rows(
     prompts: list[str], completions: list[list[str]], scores: list[list[float]], pairing
 ) -> list[dict]:
-    """Pairs of every prompt as rows; pairs whose texts are equal or blank are skipped (no
-    preference can be learnt from them and the data format rejects them)."""
+    """Pairs of every prompt as rows; pairs whose texts are equal (up to whitespace) or blank are
+    skipped (no preference can be learnt from them and the data format rejects them)."""
     rows = []
     for pid, (prompt, texts, row_scores) in enumerate(zip(prompts, completions, scores, strict=True)):
         for w, lose in pairing(row_scores):
-            if texts[w] == texts[lose] or not texts[w].strip() or not texts[lose].strip():
+            a, b = squash_whitespace(texts[w]), squash_whitespace(texts[lose])
+            if a == b or not a or not b:
                 continue
             rows.append(
                 {
