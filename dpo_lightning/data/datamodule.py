@@ -37,6 +37,7 @@ from dpo_lightning.data.splits import (
     carve,
     cross_split_duplicates,
     duplicates_line,
+    split_fingerprint,
 )
 from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.data.unpaired import LabelledCollator, unpair_example
@@ -175,6 +176,10 @@ class PreferenceDataModule(L.LightningDataModule):
             train, val = carve(train, self.val_fraction, self.seed)
         train, val = cross_split_duplicates(train, val, self.cross_split_duplicates)
         self.train_set, self.val_set = train.ds, val.ds
+        salt = f"{tokenizer_fingerprint(self.tokenizer)}|{self.limits!r}|{self.unpair}"
+        #: {split: digest of its rows' content, in order}: what a checkpoint's data check compares.
+        splits = {"train": train, "validation": val}
+        self.fingerprints = {name: split_fingerprint(split, salt) for name, split in splits.items()}
         # One stop with every fault kind, length faults included (tokenising the valid rows is
         # cheap next to a second round trip, and cached for the next run).
         raise_if_invalid(list(self.reports.values()), self.on_invalid)

@@ -54,6 +54,16 @@ class Tokenized:
         return Tokenized(self.ds.select(indices), self.keys, self.ledger)
 
 
+def split_fingerprint(split: Tokenized, salt: str) -> str:
+    """A digest of what a split trains on, in order: the content keys of its rows after ``salt``
+    (what else changes the tokens: tokenizer, limits). Independent of file names and row ids; an
+    edit in one split leaves the other's fingerprint alone."""
+    h = hashlib.sha256(salt.encode())
+    for row_id in split.ds["row_id"]:
+        h.update(split.keys[row_id])
+    return h.hexdigest()
+
+
 def carve(split: Tokenized, fraction: float, seed: int) -> tuple[Tokenized, Tokenized]:
     """Hold out ``fraction`` of the kept rows (at least one, never all), drawn with ``seed``.
 

@@ -181,16 +181,19 @@ def data_fingerprint(datamodule: Any) -> dict[str, dict[str, Any]] | None:
     """``{split: {"rows": n, "fingerprint": hex}}`` of the tokenized splits, or None for a
     DataModule without ``datasets`` splits.
 
-    The fingerprint is the one the DataModule gave the tokenized split (a hash of the validated
-    rows, the tokenizer and the length limits, see :mod:`dpo_lightning.data.cache`), carried
-    through the row selection: any change of a row's text, order or count changes it.
+    The fingerprint is the DataModule's own digest of each split's content (its rows in order,
+    the tokenizer and the length limits: ``PreferenceDataModule.fingerprints``), else the
+    ``datasets`` fingerprint of the split: any change of a row's text, order or count changes it,
+    and only in the split that changed.
     """
+    own = getattr(datamodule, "fingerprints", None) or {}
     out = {}
     for split, attr in SPLITS.items():
-        fingerprint = getattr(getattr(datamodule, attr, None), "_fingerprint", None)
+        ds = getattr(datamodule, attr, None)
+        fingerprint = own.get(split) or getattr(ds, "_fingerprint", None)
         if fingerprint is None:
             return None
-        out[split] = {"rows": len(getattr(datamodule, attr)), "fingerprint": fingerprint}
+        out[split] = {"rows": len(ds), "fingerprint": fingerprint}
     return out
 
 
