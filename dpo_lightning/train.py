@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> float | None:
     engine = instantiate(cfg.get("engine"))  # built once: the DataModule's collator and the forward
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, layout=engine)
     datamodule.setup("fit")  # validate and tokenize before any model work
-    module = build_module(cfg, len(tokenizer), engine)
+    module = build_module(cfg, tokenizer, engine)
     loggers = build_loggers(cfg)
     callbacks = build_callbacks(cfg, has_loggers=bool(loggers))
     histories = csv_histories(loggers, resume["global_step"]) if resume else []
@@ -99,14 +99,18 @@ def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
     return build_lora(load_causal_lm(**kwargs, vocab_size=vocab_size, seed=seed), lora)
 
 
-def build_module(cfg: DictConfig, vocab_size: int, engine: ForwardEngine | None) -> L.LightningModule:
-    """The stage's LightningModule (``stage=dpo|sft|reward_model`` names it and its parts)."""
+def build_module(cfg: DictConfig, tokenizer: Any, engine: ForwardEngine | None) -> L.LightningModule:
+    """The stage's LightningModule (``stage=dpo|sft|reward_model|online_dpo`` names it and its
+    parts); a stage whose config has a ``tokenizer`` key (online DPO decodes its samples) gets
+    the run's tokenizer."""
+    extra = {"tokenizer": tokenizer} if "tokenizer" in cfg.stage.module else {}
     return instantiate(
         cfg.stage.module,
-        policy=build_policy(cfg.model, vocab_size, cfg.seed),
+        policy=build_policy(cfg.model, len(tokenizer), cfg.seed),
         optimizer=instantiate(cfg.optim.optimizer),
         scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
         engine=engine,
+        **extra,
     )
 
 

@@ -41,6 +41,9 @@ class ReferenceStrategy(nn.Module):
     #: True when :attr:`model` is rebuilt from its source at every start (a frozen copy): then it
     #: is left out of checkpoints, which hold one copy of the weights.
     rebuilt_on_start: bool = False
+    #: Whether :meth:`completion_logps` scores any completion, including ones sampled during
+    #: training (False: a table computed from the data set before training).
+    scores_new_samples: bool = True
 
     def __init__(self) -> None:
         super().__init__()

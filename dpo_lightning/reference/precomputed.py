@@ -93,6 +93,8 @@ class PrecomputedReference(ReferenceStrategy):
     The pass uses the datamodule's own train and validation loaders (their batch sizes).
     """
 
+    scores_new_samples = False  # a lookup table of the data set's rows
+
     def __init__(self, cache_dir: str | None = None) -> None:
         super().__init__()
         self.cache_dir = Path(cache_dir or DEFAULT_CACHE).expanduser()

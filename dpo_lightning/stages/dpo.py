@@ -84,22 +84,9 @@ class DPOModule(PolicyModule):
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         shared = EngineBatch(batch)  # what policy and reference derive once (the packed mask)
         policy = self(shared)
-        reference = (
-            None
-            if self.loss_fn.is_reference_free
-            else self.reference.completion_logps(shared, self.policy, self.engine)
-        )
+        reference = self.reference_stats(shared)
         ci, ri = batch["chosen_idx"], batch["rejected_idx"]
-        chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(
-            policy.logps[ci],
-            policy.logps[ri],
-            None if reference is None else reference.logps[ci],
-            None if reference is None else reference.logps[ri],
-            chosen_lengths=policy.lengths[ci],
-            rejected_lengths=policy.lengths[ri],
-            chosen_nll=chosen_nll,
-        )
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(policy, reference, ci, ri)
         metrics = preference_metrics(
             losses,
             chosen_rewards,
@@ -113,6 +100,28 @@ class DPOModule(PolicyModule):
         self.log_stage(metrics, stage, pairs)
         self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, pairs, prog_bar=True, logger=False)
         return losses.mean()
+
+    def reference_stats(self, shared: EngineBatch) -> CompletionStats | None:
+        """Reference statistics of every completion of the batch (None for a reference-free loss)."""
+        if self.loss_fn.is_reference_free:
+            return None
+        return self.reference.completion_logps(shared, self.policy, self.engine)
+
+    def pair_losses(
+        self, policy: CompletionStats, reference: CompletionStats | None, ci: Tensor, ri: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss on pairs ``(ci, ri)`` (P,) of per-completion statistics (B,): per-pair
+        ``(losses, chosen_rewards, rejected_rewards)``, each (P,)."""
+        chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
+        return self.loss_fn(
+            policy.logps[ci],
+            policy.logps[ri],
+            None if reference is None else reference.logps[ci],
+            None if reference is None else reference.logps[ri],
+            chosen_lengths=policy.lengths[ci],
+            rejected_lengths=policy.lengths[ri],
+            chosen_nll=chosen_nll,
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm the optimizer would have seen unclipped.
