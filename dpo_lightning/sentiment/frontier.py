@@ -1,11 +1,16 @@
-"""``frontier.csv`` and ``frontier.png``: mean reward against KL(π‖π_ref), one point per run."""
+"""``frontier.csv`` and ``frontier.png``: mean reward against KL(π‖π_ref), one point per run;
+and the online-vs-offline verdict (:func:`online_verdict`)."""
 
 from __future__ import annotations
 
+import bisect
 import csv
 from pathlib import Path
 
-COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "n_samples", "n"]
+COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "n_samples", "n", "reward_calls"]
+#: Label prefixes of the two trained families (``dpo_beta_<β>``, ``online_beta_<β>``).
+OFFLINE, ONLINE = "dpo_beta_", "online_beta_"
+REFERENCE_POINTS = ("sft", "best_of_n")
 
 
 def write_frontier_csv(rows: list[dict], path: Path) -> None:
@@ -18,7 +23,7 @@ def write_frontier_csv(rows: list[dict], path: Path) -> None:
 
 
 def read_frontier_csv(path: Path) -> list[dict]:
-    """The rows of :func:`write_frontier_csv`, numbers as floats (beta None when empty)."""
+    """The rows of :func:`write_frontier_csv`, numbers as floats (None when empty)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -27,21 +32,114 @@ def read_frontier_csv(path: Path) -> list[dict]:
     return rows
 
 
+# -- the verdict -------------------------------------------------------------------------------
+def offline_curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """The offline frontier as (KL, reward) points: SFT (KL 0) and every offline DPO run, sorted
+    by KL, each point kept only if its reward beats every point of lower KL (a point with more KL
+    and less reward is dominated: the curve reaches more for less)."""
+    points = sorted(
+        (r["kl"], r["reward"]) for r in rows if r["label"] == "sft" or r["label"].startswith(OFFLINE)
+    )
+    curve: list[tuple[float, float]] = []
+    for kl, reward in points:
+        if not curve or reward > curve[-1][1]:
+            curve.append((kl, reward))
+    return curve
+
+
+def reward_on_curve(curve: list[tuple[float, float]], kl: float) -> float:
+    """The curve's reward at ``kl``: linear between its points, its first reward below its first
+    KL, its best reward beyond its last KL (it reaches no more)."""
+    kls = [k for k, _ in curve]
+    i = bisect.bisect_right(kls, kl)
+    if i == 0:
+        return curve[0][1]
+    if i == len(curve):
+        return curve[-1][1]
+    (k0, r0), (k1, r1) = curve[i - 1], curve[i]
+    return r0 + (r1 - r0) * (kl - k0) / (k1 - k0)
+
+
+def online_verdict(rows: list[dict], need: int = 2) -> dict:
+    """Is the online curve above the offline one?
+
+    Rule: an online point (KL_on, R_on) is **above** the offline curve when
+    ``R_on > reward_on_curve(offline_curve(rows), KL_on)`` — it has a higher reward than the
+    offline curve reaches at the same KL; equivalently (the curve rises with KL) the offline
+    curve needs more KL than KL_on to reach R_on, or never reaches it. The online curve is above
+    the offline one when at least ``need`` β values give such a point.
+
+    Returns ``{"passed", "rule", "points": [{beta, reward, kl, offline_reward_at_kl, margin,
+    margin_se, above}]}`` (``margin_se``: the margin in standard errors of R_on).
+    """
+    curve = offline_curve(rows)
+    points = []
+    for r in sorted((r for r in rows if r["label"].startswith(ONLINE)), key=lambda r: r["beta"]):
+        at = reward_on_curve(curve, r["kl"])
+        se = (r.get("reward_std") or 0.0) / max(r.get("n_samples") or 1.0, 1.0) ** 0.5
+        points.append(
+            {
+                "beta": r["beta"],
+                "reward": r["reward"],
+                "kl": r["kl"],
+                "offline_reward_at_kl": at,
+                "margin": r["reward"] - at,
+                "margin_se": (r["reward"] - at) / se if se > 0 else None,
+                "above": r["reward"] > at,
+            }
+        )
+    above = sum(p["above"] for p in points)
+    return {
+        "passed": above >= need,
+        "above": above,
+        "need": need,
+        "rule": "online point above the offline curve: R_on > R_offline(KL_on), the offline "
+        "curve (SFT + offline DPO points, upper envelope, linear between points, flat past its "
+        "last) evaluated at the online point's KL",
+        "points": points,
+    }
+
+
+def verdict_lines(verdict: dict) -> list[str]:
+    """The rule, one line per online point, and the verdict, for printing."""
+    lines = [f"rule: {verdict['rule']}"]
+    for pt in verdict["points"]:
+        se = "" if pt["margin_se"] is None else f" ({pt['margin_se']:+.1f} SE)"
+        lines.append(
+            f"online β={pt['beta']:g}: reward {pt['reward']:.4f} at KL {pt['kl']:.3f}; offline curve "
+            f"there {pt['offline_reward_at_kl']:.4f}; margin {pt['margin']:+.4f}{se} -> "
+            + ("above" if pt["above"] else "NOT above")
+        )
+    word = "PASSED" if verdict["passed"] else "FAILED"
+    lines.append(
+        f"verdict: {word}: {verdict['above']} of {len(verdict['points'])} online points above the "
+        f"offline curve (need {verdict['need']})"
+    )
+    return lines
+
+
+# -- the plot ----------------------------------------------------------------------------------
 def plot_frontier(
     rows: list[dict], path: Path, reward_name: str = "reward", title: str | None = None
 ) -> None:
-    """Scatter reward vs KL: DPO runs as a line ordered by KL (annotated with β), SFT and
-    best-of-N as reference markers. Uses the Agg backend (no display needed)."""
+    """Reward vs KL: offline DPO and online DPO runs as two lines ordered by KL (annotated with
+    β), SFT and best-of-N as reference markers. Uses the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    dpo = sorted((r for r in rows if r["label"] not in ("sft", "best_of_n")), key=lambda r: r["kl"])
-    if dpo:
-        ax.plot([r["kl"] for r in dpo], [r["reward"] for r in dpo], "o-", color="tab:blue", label="DPO")
-        for r in dpo:
+    families = [
+        (OFFLINE, "o-", "tab:blue", "DPO (offline pairs)"),
+        (ONLINE, "s-", "tab:orange", "online DPO"),
+    ]
+    for prefix, style, color, name in families:
+        runs = sorted((r for r in rows if r["label"].startswith(prefix)), key=lambda r: r["kl"])
+        if not runs:
+            continue
+        ax.plot([r["kl"] for r in runs], [r["reward"] for r in runs], style, color=color, label=name)
+        for r in runs:
             ax.annotate(
                 f"β={r['beta']:g}",
                 (r["kl"], r["reward"]),

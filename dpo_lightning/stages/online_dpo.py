@@ -23,7 +23,7 @@ Supports / assumptions: any loss of the family and any reference strategy that c
 samples (``copy``, ``sync``/``iterative``, ``adapter``; not ``precomputed``); both engines; DDP
 and FSDP2 (``synced_gpus`` generation when sharded). Under data parallelism the loss is the sum
 over every rank's pairs divided by the global pair count, and every logged value is reduced over
-ranks; a step with no pair anywhere is skipped (no optimizer update). The sampling seed is a
+ranks; a step with no pair anywhere makes no optimizer update. The sampling seed is a
 function of (``seed``, rank, batches sampled), the counter is in the checkpoint: a resumed run
 samples what the uninterrupted one did. ``train/online/kl`` is the Monte-Carlo
 KL(π‖π_ref) of the samples (nats per completion): unbiased when they are drawn from π itself
@@ -33,6 +33,7 @@ KL(π‖π_ref) of the samples (nats per completion): unbiased when they are dra
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -134,7 +135,7 @@ class OnlineDPOModule(DPOModule):
         #: the budget; checkpointed.
         self.counters = {"train_batches": 0, "train_reward_calls": 0, "val_reward_calls": 0}
         self._val_batches = 0
-        self._gen_seconds = 0.0
+        self._step_pairs = 0  # pairs (all ranks) in the micro-batches of the current step
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -197,7 +198,7 @@ class OnlineDPOModule(DPOModule):
         return sharded and self.trainer.world_size > 1
 
     # -- the step -------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = super().training_step(batch, batch_idx)  # the training forward's FLOPs
         rollout: Rollout = batch["rollout"]
         # Generation reads the policy once per prompt token of each of the K rows (prefill) and
@@ -213,7 +214,7 @@ class OnlineDPOModule(DPOModule):
         fraction = rollout.samples.seconds / max(time.perf_counter() - rollout.started, 1e-9)
         self.log("train/online/gen_fraction", fraction, on_step=True, sync_dist=True, batch_size=1)
 
-    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor | None:
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         rollout: Rollout = batch["rollout"]
         shared = EngineBatch(batch)
         policy = self(shared)  # (B,) every sampled completion, forwarded once
@@ -239,14 +240,25 @@ class OnlineDPOModule(DPOModule):
         total = self._reduce(sums)
         self._log(total, stage)
         global_pairs = total["pairs"]
-        if global_pairs == 0:
-            return None  # nothing to learn anywhere: no update (every rank agrees)
+        if stage == "train":
+            self._step_pairs += int(global_pairs)  # 0 after every micro-batch: no update
         # Σ of this rank's pair losses over the global pair count, times the ranks whose
         # gradients DDP/FSDP average: the update is the mean over every pair of the step.
-        loss = losses.sum() * self.trainer.world_size / global_pairs
-        if not local_pairs:  # keep this rank in the collective backward with a zero gradient
+        loss = losses.sum() * self.trainer.world_size / max(global_pairs, 1)
+        if not local_pairs:  # no pair here: still in the collective backward, with zero gradients
             loss = loss + 0.0 * policy.logps.sum()
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # A step with no pair on any rank carries no signal: drop its (zero) gradients so the
+        # optimizer leaves every parameter alone (AdamW's momentum and weight decay would move
+        # them). Lightning refuses a skipped training_step under DDP; every rank agrees here.
+        if self._step_pairs == 0:
+            optimizer.zero_grad(set_to_none=True)
+            self.log("train/grad_norm", 0.0, on_step=True)  # the gradient was zero
+        else:
+            super().on_before_optimizer_step(optimizer)
+        self._step_pairs = 0
 
     # -- metrics, reduced over ranks ------------------------------------------------------------
     def _sample_sums(self, rollout: Rollout, pi_logps: Tensor, ref_logps: Tensor | None) -> dict[str, Any]:
@@ -295,13 +307,16 @@ class OnlineDPOModule(DPOModule):
             samples["online/kl"] = total["kl_sum"] / n
         pair = {k[5:]: v / pairs for k, v in total.items() if k.startswith("pair/")} if pairs else {}
         if stage == "train":
+            # Lightning re-logs a key's last value on a step that does not log it: a step with
+            # no pair logs NaN (no value), not the previous step's.
+            pair = pair or {k[5:]: math.nan for k in total if k.startswith("pair/")}
             samples["online/reward_calls"] = total["reward_calls"]  # cumulative, every rank
             self._log_values(samples | pair, stage, on_step=True, batch_size=1)
         else:  # epoch means weighted by completions (sample metrics) and by pairs (pair metrics)
             self._log_values(samples, stage, on_step=False, batch_size=int(n))
             if pair:
                 self._log_values(pair, stage, on_step=False, batch_size=int(pairs))
-        if pair:
+        if pairs:
             acc, sync = pair["rewards/accuracies"], stage != "train"
             self.log(f"{stage}/acc", acc, prog_bar=True, logger=False, batch_size=1, sync_dist=sync)
 
