@@ -15,39 +15,42 @@ from dpo_lightning.sentiment.frontier import (
 )
 from tests.test_sentiment_pipeline import compose_pipeline
 
+
+def point(label, beta, reward, kl, se=0.01):
+    return {"label": label, "beta": beta, "reward": reward, "kl": kl, "reward_se": se}
+
+
 OFFLINE = [
-    {"label": "sft", "beta": None, "reward": 0.30, "kl": 0.0},
-    {"label": "best_of_n", "beta": None, "reward": 0.78, "kl": 0.64},  # not part of the curve
-    {"label": "dpo_beta_2", "beta": 2.0, "reward": 0.85, "kl": 1.65},
-    {"label": "dpo_beta_0.5", "beta": 0.5, "reward": 0.93, "kl": 3.84},
-    {"label": "dpo_beta_0.1", "beta": 0.1, "reward": 0.965, "kl": 7.14},
-    {"label": "dpo_beta_0.05", "beta": 0.05, "reward": 0.90, "kl": 9.0},  # dominated: dropped
+    point("sft", None, 0.30, 0.0, se=0.04),
+    point("best_of_n", None, 0.78, 0.64),  # not part of the curve
+    point("dpo_beta_2", 2.0, 0.85, 1.65, se=0.02),
+    point("dpo_beta_0.5", 0.5, 0.93, 3.84),
+    point("dpo_beta_0.1", 0.1, 0.965, 7.14, se=0.005),
+    point("dpo_beta_0.05", 0.05, 0.90, 9.0),  # dominated: dropped
 ]
 
 
 def online(beta, reward, kl):
-    return {
-        "label": f"online_beta_{beta:g}",
-        "beta": beta,
-        "reward": reward,
-        "kl": kl,
-        "reward_std": 0.2,
-        "n_samples": 400,
-    }
+    """An online point whose standard error comes from its std and sample count: 0.2 / √400."""
+    row = {"label": f"online_beta_{beta:g}", "beta": beta, "reward": reward, "kl": kl}
+    return row | {"reward_std": 0.2, "n_samples": 400}
 
 
 def test_offline_curve_is_the_upper_envelope_of_sft_and_offline_runs():
-    assert offline_curve(OFFLINE) == [(0.0, 0.30), (1.65, 0.85), (3.84, 0.93), (7.14, 0.965)]
+    curve = offline_curve(OFFLINE)
+    assert curve == [(0.0, 0.30, 0.04), (1.65, 0.85, 0.02), (3.84, 0.93, 0.01), (7.14, 0.965, 0.005)]
 
 
 def test_reward_on_curve_by_hand():
     curve = offline_curve(OFFLINE)
-    # KL 2.0: 0.85 + (0.93 − 0.85) · (2.0 − 1.65) / (3.84 − 1.65) = 0.85 + 0.08 · 0.159817 = 0.862785
-    assert reward_on_curve(curve, 2.0) == pytest.approx(0.862785, abs=1e-6)
+    # KL 2.0: t = (2.0 − 1.65) / (3.84 − 1.65) = 0.159817; 0.85 + 0.08 t = 0.862785;
+    # se = √(((1 − t) · 0.02)² + (t · 0.01)²) = √(2.82363e-4 + 2.5542e-6) = 0.016879
+    reward, se = reward_on_curve(curve, 2.0)
+    assert reward == pytest.approx(0.862785, abs=1e-6) and se == pytest.approx(0.016879, abs=1e-6)
     # KL 5.0: 0.93 + 0.035 · (5.0 − 3.84) / (7.14 − 3.84) = 0.93 + 0.035 · 0.351515 = 0.942303
-    assert reward_on_curve(curve, 5.0) == pytest.approx(0.942303, abs=1e-6)
-    assert reward_on_curve(curve, 20.0) == 0.965  # the curve reaches no more
-    assert reward_on_curve(curve, -0.1) == 0.30  # a noisy negative KL estimate: SFT's reward
+    assert reward_on_curve(curve, 5.0)[0] == pytest.approx(0.942303, abs=1e-6)
+    assert reward_on_curve(curve, 20.0) == (0.965, 0.005)  # the curve reaches no more
+    assert reward_on_curve(curve, -0.1) == (0.30, 0.04)  # a noisy negative KL estimate: SFT's
 
 
 def test_verdict_needs_two_online_points_above(tmp_path):
@@ -60,12 +63,19 @@ def test_verdict_needs_two_online_points_above(tmp_path):
     verdict = online_verdict(rows)
     assert [p["above"] for p in verdict["points"]] == [True, False, True]  # sorted by β: 0.1, 0.5, 2
     assert verdict["passed"] and verdict["above"] == 2
-    first = verdict["points"][2]
-    assert first["margin"] == pytest.approx(0.95 - 0.862785, abs=1e-6)
-    assert first["margin_se"] == pytest.approx(first["margin"] / (0.2 / 20), rel=1e-6)
+    low_kl = verdict["points"][2]
+    assert low_kl["margin"] == pytest.approx(0.95 - 0.862785, abs=1e-6)
+    combined = ((0.2 / 20) ** 2 + 0.016879**2) ** 0.5  # online se ⊕ the curve's se at KL 2
+    assert low_kl["margin_se"] == pytest.approx(low_kl["margin"] / combined, rel=1e-4)
+    assert low_kl["inside"] and low_kl["strict"]  # 0.0872 / 0.0196 = 4.4 SE, inside [0, 7.14]
+    far = verdict["points"][0]
+    assert far["above"] and not far["inside"] and not far["strict"]  # beyond the offline KL range
+    assert verdict["strict"] == 1 and verdict["offline_kl_range"] == [0.0, 7.14]
     assert not online_verdict([*OFFLINE, online(2.0, 0.95, 2.0), online(0.1, 0.96, 9.0)])["passed"]
     lines = verdict_lines(verdict)
     assert lines[0].startswith("rule: ") and lines[-1].startswith("verdict: PASSED: 2 of 3")
+    assert "outside the offline KL range [0.00, 7.14]" in lines[1]
+    assert lines[-1].endswith("1 of 3 also inside its KL range and > 2 SE")
     write_frontier_csv(rows, tmp_path / "f.csv")
     assert read_frontier_csv(tmp_path / "f.csv")[-1]["label"] == "online_beta_0.1"
     plot_frontier(rows, tmp_path / "f.png", "VADER compound")  # both curves

@@ -7,7 +7,7 @@ import bisect
 import csv
 from pathlib import Path
 
-COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "n_samples", "n", "reward_calls"]
+COLUMNS = ["label", "beta", "reward", "kl", "reward_std", "reward_se", "n_samples", "n", "reward_calls"]
 #: Label prefixes of the two trained families (``dpo_beta_<β>``, ``online_beta_<β>``).
 OFFLINE, ONLINE = "dpo_beta_", "online_beta_"
 REFERENCE_POINTS = ("sft", "best_of_n")
@@ -33,66 +33,85 @@ def read_frontier_csv(path: Path) -> list[dict]:
 
 
 # -- the verdict -------------------------------------------------------------------------------
-def offline_curve(rows: list[dict]) -> list[tuple[float, float]]:
-    """The offline frontier as (KL, reward) points: SFT (KL 0) and every offline DPO run, sorted
-    by KL, each point kept only if its reward beats every point of lower KL (a point with more KL
-    and less reward is dominated: the curve reaches more for less)."""
+def standard_error(row: dict) -> float:
+    """A point's standard error of the mean reward (``reward_se``, else ``reward_std / √n``)."""
+    if row.get("reward_se") is not None:
+        return row["reward_se"]
+    return (row.get("reward_std") or 0.0) / max(row.get("n_samples") or 1.0, 1.0) ** 0.5
+
+
+def offline_curve(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """The offline frontier as (KL, reward, standard error) points: SFT (KL 0) and every offline
+    DPO run, sorted by KL, each kept only if its reward beats every point of lower KL (a point
+    with more KL and less reward is dominated: the curve reaches more for less)."""
     points = sorted(
-        (r["kl"], r["reward"]) for r in rows if r["label"] == "sft" or r["label"].startswith(OFFLINE)
+        (r["kl"], r["reward"], standard_error(r))
+        for r in rows
+        if r["label"] == "sft" or r["label"].startswith(OFFLINE)
     )
-    curve: list[tuple[float, float]] = []
-    for kl, reward in points:
-        if not curve or reward > curve[-1][1]:
-            curve.append((kl, reward))
+    curve: list[tuple[float, float, float]] = []
+    for point in points:
+        if not curve or point[1] > curve[-1][1]:
+            curve.append(point)
     return curve
 
 
-def reward_on_curve(curve: list[tuple[float, float]], kl: float) -> float:
-    """The curve's reward at ``kl``: linear between its points, its first reward below its first
-    KL, its best reward beyond its last KL (it reaches no more)."""
-    kls = [k for k, _ in curve]
+def reward_on_curve(curve: list[tuple[float, ...]], kl: float) -> tuple[float, float]:
+    """The curve's reward at ``kl`` and its standard error: linear between its points (errors
+    combined as independent), its first point below its first KL, its best point beyond its
+    last KL (it reaches no more)."""
+    kls = [p[0] for p in curve]
     i = bisect.bisect_right(kls, kl)
-    if i == 0:
-        return curve[0][1]
-    if i == len(curve):
-        return curve[-1][1]
-    (k0, r0), (k1, r1) = curve[i - 1], curve[i]
-    return r0 + (r1 - r0) * (kl - k0) / (k1 - k0)
+    if i == 0 or i == len(curve):
+        point = curve[0] if i == 0 else curve[-1]
+        return point[1], point[2] if len(point) > 2 else 0.0
+    (k0, r0, *e0), (k1, r1, *e1) = curve[i - 1], curve[i]
+    t = (kl - k0) / (k1 - k0)
+    se = (((1 - t) * (e0 or [0.0])[0]) ** 2 + (t * (e1 or [0.0])[0]) ** 2) ** 0.5
+    return r0 + (r1 - r0) * t, se
 
 
 def online_verdict(rows: list[dict], need: int = 2) -> dict:
     """Is the online curve above the offline one?
 
-    Rule: an online point (KL_on, R_on) is **above** the offline curve when
-    ``R_on > reward_on_curve(offline_curve(rows), KL_on)`` — it has a higher reward than the
-    offline curve reaches at the same KL; equivalently (the curve rises with KL) the offline
-    curve needs more KL than KL_on to reach R_on, or never reaches it. The online curve is above
-    the offline one when at least ``need`` β values give such a point.
+    Rule (the pass/fail): an online point (KL_on, R_on) is **above** the offline curve when
+    ``R_on > R_offline(KL_on)`` (:func:`reward_on_curve` of :func:`offline_curve`): it has a
+    higher reward than the offline curve reaches at the same KL; equivalently (the curve rises
+    with KL) the offline curve needs more KL than KL_on to reach R_on, or never reaches it. The
+    online curve is above the offline one when at least ``need`` β values give such a point.
 
-    Returns ``{"passed", "rule", "points": [{beta, reward, kl, offline_reward_at_kl, margin,
-    margin_se, above}]}`` (``margin_se``: the margin in standard errors of R_on).
+    Reported with each point, not part of the rule: ``inside`` (KL_on within the KL range the
+    offline points span, so nothing is extrapolated), ``margin_se`` (the margin over the
+    combined standard error of R_on and R_offline(KL_on); KL noise is not counted) and
+    ``strict`` = above, inside and ``margin_se > 2``.
     """
     curve = offline_curve(rows)
     points = []
     for r in sorted((r for r in rows if r["label"].startswith(ONLINE)), key=lambda r: r["beta"]):
-        at = reward_on_curve(curve, r["kl"])
-        se = (r.get("reward_std") or 0.0) / max(r.get("n_samples") or 1.0, 1.0) ** 0.5
+        at, at_se = reward_on_curve(curve, r["kl"])
+        se = (standard_error(r) ** 2 + at_se**2) ** 0.5
+        margin = r["reward"] - at
+        inside = curve[0][0] <= r["kl"] <= curve[-1][0]
         points.append(
             {
                 "beta": r["beta"],
                 "reward": r["reward"],
                 "kl": r["kl"],
                 "offline_reward_at_kl": at,
-                "margin": r["reward"] - at,
-                "margin_se": (r["reward"] - at) / se if se > 0 else None,
-                "above": r["reward"] > at,
+                "margin": margin,
+                "margin_se": margin / se if se > 0 else None,
+                "inside": inside,
+                "above": margin > 0,
+                "strict": margin > 0 and inside and se > 0 and margin / se > 2,
             }
         )
     above = sum(p["above"] for p in points)
     return {
         "passed": above >= need,
         "above": above,
+        "strict": sum(p["strict"] for p in points),
         "need": need,
+        "offline_kl_range": [curve[0][0], curve[-1][0]],
         "rule": "online point above the offline curve: R_on > R_offline(KL_on), the offline "
         "curve (SFT + offline DPO points, upper envelope, linear between points, flat past its "
         "last) evaluated at the online point's KL",
@@ -102,18 +121,21 @@ def online_verdict(rows: list[dict], need: int = 2) -> dict:
 
 def verdict_lines(verdict: dict) -> list[str]:
     """The rule, one line per online point, and the verdict, for printing."""
+    lo, hi = verdict["offline_kl_range"]
     lines = [f"rule: {verdict['rule']}"]
     for pt in verdict["points"]:
         se = "" if pt["margin_se"] is None else f" ({pt['margin_se']:+.1f} SE)"
+        where = "" if pt["inside"] else f", outside the offline KL range [{lo:.2f}, {hi:.2f}]"
         lines.append(
             f"online β={pt['beta']:g}: reward {pt['reward']:.4f} at KL {pt['kl']:.3f}; offline curve "
-            f"there {pt['offline_reward_at_kl']:.4f}; margin {pt['margin']:+.4f}{se} -> "
+            f"there {pt['offline_reward_at_kl']:.4f}; margin {pt['margin']:+.4f}{se}{where} -> "
             + ("above" if pt["above"] else "NOT above")
         )
     word = "PASSED" if verdict["passed"] else "FAILED"
+    n = len(verdict["points"])
     lines.append(
-        f"verdict: {word}: {verdict['above']} of {len(verdict['points'])} online points above the "
-        f"offline curve (need {verdict['need']})"
+        f"verdict: {word}: {verdict['above']} of {n} online points above the offline curve (need "
+        f"{verdict['need']}); {verdict['strict']} of {n} also inside its KL range and > 2 SE"
     )
     return lines
 

@@ -197,6 +197,7 @@ def evaluate_all(
             "reward": sft.reward,
             "kl": 0.0,
             "reward_std": float(sft.rewards.std()),
+            "reward_se": prompt_se(sft.rewards),
             "n_samples": sft.rewards.numel(),
         },
         {
@@ -206,6 +207,7 @@ def evaluate_all(
             "kl": best_of_n_kl(n),
             "n": n,
             "reward_std": float(sft.rewards.max(1).values.std()),
+            "reward_se": prompt_se(sft.rewards.max(1, keepdim=True).values),
             "n_samples": sft.rewards.numel(),
         },
     ]
@@ -221,11 +223,19 @@ def evaluate_all(
                 "reward": res.reward,
                 "kl": res.kl,
                 "reward_std": float(res.rewards.std()),
+                "reward_se": prompt_se(res.rewards),
                 "n_samples": res.rewards.numel(),
             }
         )
         _write_examples(run / "eval" / f"{label}.jsonl", res)
     return rows
+
+
+def prompt_se(rewards: torch.Tensor) -> float:
+    """Standard error of the mean reward over (N prompts, k samples), prompts as the unit: the
+    k samples of one prompt are not independent."""
+    per_prompt = rewards.float().mean(dim=1)
+    return float(per_prompt.std() / per_prompt.numel() ** 0.5)
 
 
 def _write_examples(path: Path, res, n: int = 20) -> None:
