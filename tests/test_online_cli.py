@@ -178,3 +178,34 @@ def test_ddp_each_rank_samples_its_prompts_and_metrics_are_global(tmp_path):
         else:
             assert row["online/pairs"] > 0 and math.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert len(seen) == len(set(seen)) == 22  # one epoch: every train prompt once, on one rank
+
+
+@pytest.mark.slow
+def test_reward_model_folder_and_iterative_reference_from_the_cli(tmp_path, tokenizer):
+    """The README's command with local stand-ins: an SFT folder, a ``stage=reward_model``-style
+    export as the reward, and iterative DPO (reference refreshed every 2 steps: KL restarts at 0)."""
+    from dpo_lightning.stages.reward_model import reward_model_from_causal_lm
+    from tests.conftest import make_tiny_model
+
+    make_tiny_model(len(tokenizer), seed=0).save_pretrained(tmp_path / "sft")
+    reward_model_from_causal_lm(make_tiny_model(len(tokenizer), seed=5)).save_pretrained(tmp_path / "rm")
+    for folder in ("sft", "rm"):
+        tokenizer.save_pretrained(tmp_path / folder)
+    run_dir = tmp_path / "run"
+    args = [
+        *SMALL,
+        "model=hf",
+        f"model.name_or_path={tmp_path / 'sft'}",
+        "online/reward=reward_model",
+        f"online.reward.path={tmp_path / 'rm'}",
+        "reference=iterative",
+        "reference.sync_steps=2",
+        "optim.scheduler.num_warmup_steps=0",  # step 0 already moves the policy
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+    ]
+    run_cli([f"hydra.run.dir={run_dir}", *args], tmp_path, env=ENV)
+    steps = _train_rows(run_dir)
+    assert steps[0]["online/kl"] == 0.0 and steps[1]["online/kl"] != 0.0
+    assert steps[2]["online/kl"] == 0.0 and steps[3]["online/kl"] != 0.0  # refreshed after step 2
+    assert all(math.isfinite(s["online/reward_mean"]) for s in steps.values())

@@ -12,7 +12,7 @@ import torch
 
 from dpo_lightning.data.prompts import PromptDataModule, sentiment_prompts
 from dpo_lightning.engine import EngineBatch, PackedEngine, PaddedEngine
-from dpo_lightning.losses import DPOLoss, SimPOLoss, dpo_loss
+from dpo_lightning.losses import DPOLoss, IPOLoss, RPOLoss, SimPOLoss, dpo_loss
 from dpo_lightning.online.generation import GenerationBackend, HFGeneration, Samples, split_at_eos
 from dpo_lightning.online.rewards import TextReward
 from dpo_lightning.reference import NoReference, PrecomputedReference, SyncReference
@@ -208,7 +208,12 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tokenizer):
         tokenizer(t)["input_ids"] for t in ("Review of Iron Valley:", "My thoughts", "What did you think")
     ]
     args = (1, tokenizer.pad_token_id, [tokenizer.eos_token_id])
+    widths = []
+    forward = model.forward
+    model.forward = lambda *a, **kw: widths.append(kw["input_ids"].shape[1]) or forward(*a, **kw)
     together = gen.generate(model, prompts, 2, *args).completion_ids
+    assert widths[0] == max(len(p) for p in prompts) and set(widths[1:]) == {1}  # KV cache: 1 new token
+    model.forward = forward
     alone = [gen.generate(model, [p], 2, *args).completion_ids[0] for p in prompts]
     assert together == alone
     assert all(a == b for a, b in together)  # greedy: the K rows agree
@@ -246,10 +251,49 @@ def test_iterative_reference_is_the_policy_after_each_refresh(tokenizer, prompts
     assert torch.equal(kl, torch.zeros_like(kl))  # refreshed: KL(π‖π_ref) restarts at 0
 
 
-def test_reference_free_loss_trains_and_logs_no_kl(tokenizer, prompts):
-    module = attached(online_module(tokenizer, loss=SimPOLoss(), reference=NoReference()))
+@pytest.mark.parametrize(
+    ("loss", "reference"),
+    [(IPOLoss(0.5), None), (RPOLoss(0.1, alpha=1.0), None), (SimPOLoss(), NoReference())],
+)
+def test_any_loss_of_the_family_trains_on_the_samples(tokenizer, prompts, loss, reference):
+    """Length-normalised (IPO), with an NLL term (RPO), reference-free (SimPO: no KL to log)."""
+    module = attached(online_module(tokenizer, loss=loss, reference=reference))
     batch = module.rollout(first_batch(prompts), "train", seed=0)
-    assert module._shared_step(batch, "train") is not None and "train/online/kl" not in module.logged
+    out = module._shared_step(batch, "train")
+    out.backward()
+    assert torch.isfinite(out) and any(p.grad is not None for p in module.policy.parameters())
+    assert ("train/online/kl" in module.logged) == (reference is None)
+
+
+def test_run_totals_count_the_sampling_time(tokenizer, prompts):
+    """summary.json's rates divide by the whole step, sampling included (it happens before the
+    callbacks' batch start)."""
+    import time
+
+    from dpo_lightning.reporting.throughput import RunTotals
+
+    class SlowGeneration(FixedGeneration):
+        def generate(self, *args, **kwargs):
+            time.sleep(self.pause)
+            return super().generate(*args, **kwargs)
+
+    class ClockCheck(L.Callback):  # runs after RunTotals' batch start
+        def __init__(self):
+            self.starts: list[tuple[float, float]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.starts.append((totals._t0, pl_module.batch_started_at))
+
+    eos = tokenizer.eos_token_id
+    slow = SlowGeneration([[[5, eos], [6, eos], [7, eos]]] * 4)
+    slow.pause = 0.5
+    module = online_module(tokenizer, FixedScores([[1.0, 2.0, 3.0]] * 4), generation=slow)
+    totals, check = RunTotals(), ClockCheck()
+    trainer = quick_trainer(2)
+    trainer.callbacks += [totals, check]
+    trainer.fit(module, datamodule=prompts)
+    assert len(check.starts) == 2 and all(t0 == began for t0, began in check.starts)
+    assert totals.train_seconds >= 2 * 0.5 and totals.total_pairs == 2 * 4 * 3
 
 
 def test_refusals_are_one_line(tokenizer, tmp_path):

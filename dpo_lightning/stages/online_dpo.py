@@ -136,6 +136,7 @@ class OnlineDPOModule(DPOModule):
         self.counters = {"train_batches": 0, "train_reward_calls": 0, "val_reward_calls": 0}
         self._val_batches = 0
         self._step_pairs = 0  # pairs (all ranks) in the micro-batches of the current step
+        self.batch_started_at: float | None = None  # when the current training batch's sampling began
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -156,6 +157,8 @@ class OnlineDPOModule(DPOModule):
         key = "train" if training else "val"
         index = self.counters["train_batches"] if training else self._val_batches
         seed = sampling_seed(self.seed, key, self.global_rank, index)
+        if training:  # sampling is part of the training batch's time (RunTotals reads this)
+            self.batch_started_at = time.perf_counter()
         collated = self.rollout(batch, key, seed)
         if training:
             self.counters["train_batches"] += 1
