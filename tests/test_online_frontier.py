@@ -75,7 +75,12 @@ def test_verdict_needs_two_online_points_above(tmp_path):
     lines = verdict_lines(verdict)
     assert lines[0].startswith("rule: ") and lines[-1].startswith("verdict: PASSED: 2 of 3")
     assert "outside the offline KL range [0.00, 7.14]" in lines[1]
-    assert lines[-1].endswith("1 of 3 also inside its KL range and > 2 SE")
+    assert "1 of 3 also inside its KL range and > 2 SE" in lines[-1]
+    # Reversed: against the online curve (SFT, (2, 0.95), (9, 0.97); (5, 0.90) is dominated) the
+    # offline points at KL 1.65 (chord 0.30 + 0.65 · 1.65/2 = 0.836250 < 0.85) and 7.14
+    # (0.95 + 0.02 · 5.14/7 = 0.964686 < 0.965) are above; 3.84 (0.955257 > 0.93) and 9 are not.
+    assert verdict["reverse"] == 2 and verdict["offline_points"] == 4
+    assert lines[-1].endswith("reversed, 2 of 4 offline points are above the online curve")
     write_frontier_csv(rows, tmp_path / "f.csv")
     assert read_frontier_csv(tmp_path / "f.csv")[-1]["label"] == "online_beta_0.1"
     plot_frontier(rows, tmp_path / "f.png", "VADER compound")  # both curves

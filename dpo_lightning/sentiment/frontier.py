@@ -40,14 +40,14 @@ def standard_error(row: dict) -> float:
     return (row.get("reward_std") or 0.0) / max(row.get("n_samples") or 1.0, 1.0) ** 0.5
 
 
-def offline_curve(rows: list[dict]) -> list[tuple[float, float, float]]:
+def offline_curve(rows: list[dict], family: str = OFFLINE) -> list[tuple[float, float, float]]:
     """The offline frontier as (KL, reward, standard error) points: SFT (KL 0) and every offline
-    DPO run, sorted by KL, each kept only if its reward beats every point of lower KL (a point
-    with more KL and less reward is dominated: the curve reaches more for less)."""
+    DPO run (``family``: the label prefix), sorted by KL, each kept only if its reward beats every
+    point of lower KL (a point with more KL and less reward is dominated)."""
     points = sorted(
         (r["kl"], r["reward"], standard_error(r))
         for r in rows
-        if r["label"] == "sft" or r["label"].startswith(OFFLINE)
+        if r["label"] == "sft" or r["label"].startswith(family)
     )
     curve: list[tuple[float, float, float]] = []
     for point in points:
@@ -83,7 +83,9 @@ def online_verdict(rows: list[dict], need: int = 2) -> dict:
     Reported with each point, not part of the rule: ``inside`` (KL_on within the KL range the
     offline points span, so nothing is extrapolated), ``margin_se`` (the margin over the
     combined standard error of R_on and R_offline(KL_on); KL noise is not counted) and
-    ``strict`` = above, inside and ``margin_se > 2``.
+    ``strict`` = above, inside and ``margin_se > 2``; ``reverse``: how many offline points the
+    same rule puts above the *online* curve (linear interpolation flatters whichever family
+    has a point where the other has none).
     """
     curve = offline_curve(rows)
     points = []
@@ -106,10 +108,15 @@ def online_verdict(rows: list[dict], need: int = 2) -> dict:
             }
         )
     above = sum(p["above"] for p in points)
+    online_curve = offline_curve(rows, ONLINE)
+    offline_points = [r for r in rows if r["label"].startswith(OFFLINE)]
+    reverse = sum(r["reward"] > reward_on_curve(online_curve, r["kl"])[0] for r in offline_points)
     return {
         "passed": above >= need,
         "above": above,
         "strict": sum(p["strict"] for p in points),
+        "reverse": reverse,
+        "offline_points": len(offline_points),
         "need": need,
         "offline_kl_range": [curve[0][0], curve[-1][0]],
         "rule": "online point above the offline curve: R_on > R_offline(KL_on), the offline "
@@ -135,7 +142,9 @@ def verdict_lines(verdict: dict) -> list[str]:
     n = len(verdict["points"])
     lines.append(
         f"verdict: {word}: {verdict['above']} of {n} online points above the offline curve (need "
-        f"{verdict['need']}); {verdict['strict']} of {n} also inside its KL range and > 2 SE"
+        f"{verdict['need']}); {verdict['strict']} of {n} also inside its KL range and > 2 SE; "
+        f"reversed, {verdict['reverse']} of {verdict['offline_points']} offline points are above "
+        "the online curve"
     )
     return lines
 

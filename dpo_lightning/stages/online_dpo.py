@@ -7,7 +7,7 @@ Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"
     dpo-train stage=online_dpo                                     # built-in prompts, VADER reward
     dpo-train stage=online_dpo data=prompts data.path=prompts.jsonl online/reward=reward_model \\
         online.reward.path=<stage=reward_model run>/hf_model model=hf model.name_or_path=<sft>
-    dpo-train stage=online_dpo reference=iterative reference.sync_steps=64 loss=ipo
+    dpo-train stage=online_dpo reference=iterative reference.sync_steps=64  # iterative DPO
     dpo-train stage=online_dpo trainer=ddp_cpu                     # each rank samples its prompts
 
 Each batch of N prompts (``data=prompts``) becomes a training batch before any callback sees it
