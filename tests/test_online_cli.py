@@ -209,3 +209,17 @@ def test_reward_model_folder_and_iterative_reference_from_the_cli(tmp_path, toke
     assert steps[0]["online/kl"] == 0.0 and steps[1]["online/kl"] != 0.0
     assert steps[2]["online/kl"] == 0.0 and steps[3]["online/kl"] != 0.0  # refreshed after step 2
     assert all(math.isfinite(s["online/reward_mean"]) for s in steps.values())
+
+
+@pytest.mark.slow
+def test_fsdp2_on_cpu_samples_with_sharded_weights(tmp_path):
+    """trainer=fsdp_cpu (FSDP2, 2 processes): generation runs on the sharded policy with
+    ``synced_gpus`` (every rank steps until all are done), then trains; both ranks' prompts count."""
+    run_dir = tmp_path / "run"
+    args = [*SMALL, *LENGTH_REWARD, "trainer=fsdp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    run_cli([f"hydra.run.dir={run_dir}", *args], tmp_path, timeout=500, env=ENV)
+    steps = _train_rows(run_dir)
+    assert steps[0]["online/kl"] == 0.0 and all(math.isfinite(s["loss"]) for s in steps.values())
+    # 22 train prompts, 11 per rank: batches of 4, 4, 3 per rank, K = 3 each, summed over ranks
+    assert [s["online/reward_calls"] for s in steps.values()] == [24.0, 48.0, 66.0]
+    assert (run_dir / "hf_model" / "model.safetensors").exists()
