@@ -65,7 +65,8 @@ def _train_rows(run_dir: Path) -> dict[int, dict[str, float]]:
 def test_cli_trains_online_on_a_prompt_only_fixture(tmp_path):
     run_dir = tmp_path / "run"
     args = [*SMALL, *LENGTH_REWARD, "trainer.max_steps=3", "trainer.val_check_interval=3"]
-    run_cli([f"hydra.run.dir={run_dir}", *args], tmp_path, env=ENV)
+    proc = run_cli([f"hydra.run.dir={run_dir}", *args], tmp_path, env=ENV)
+    assert "global batch = 4 prompts per device" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3
     train, val = summary["train"], summary["val"]
@@ -223,3 +224,39 @@ def test_fsdp2_on_cpu_samples_with_sharded_weights(tmp_path):
     # 22 train prompts, 11 per rank: batches of 4, 4, 3 per rank, K = 3 each, summed over ranks
     assert [s["online/reward_calls"] for s in steps.values()] == [24.0, 48.0, 66.0]
     assert (run_dir / "hf_model" / "model.safetensors").exists()
+
+
+# ---- the offline stage's reliability promises --------------------------------------------------
+IN_PROCESS = [
+    "stage=online_dpo",  # built-in prompts, VADER
+    "data.generator.n=60",
+    "data.batch_size=4",
+    "online.k=3",
+    "online.generation.max_new_tokens=8",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def test_nonfinite_gradient_stops_naming_the_sampled_rows(tmp_path, capsys, monkeypatch):
+    from tests.test_errors import _error
+
+    monkeypatch.setenv("DPO_LIGHTNING_FAULTS", "nan@1")
+    line = _error(IN_PROCESS, tmp_path, capsys)
+    assert "non-finite gradient" in line and "at step 2 (epoch 0, batch 1), data rows [" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_nonfinite_gradient_skip_counts_in_summary(tmp_path, monkeypatch):
+    from dpo_lightning.train import train
+    from tests.test_errors import _compose
+
+    monkeypatch.setenv("DPO_LIGHTNING_FAULTS", "nan@1")
+    run_dir = tmp_path / "run"
+    train(_compose([*IN_PROCESS, "train.on_nonfinite=skip", f"paths.output_dir={run_dir}"], run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 3
+    assert summary["train"]["online/reward_calls"] == 3 * 4 * 3

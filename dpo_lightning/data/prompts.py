@@ -148,6 +148,9 @@ class PromptDataModule(PreferenceDataModule):
     business: it collates the sampled completions with its engine).
     """
 
+    #: What ``batch_size`` counts (printed with the global batch).
+    batch_unit = "prompts"
+
     def __init__(self, tokenizer: PreTrainedTokenizerBase, format: Any = None, **kwargs: Any) -> None:
         super().__init__(tokenizer, format=format if format is not None else PromptFormat(), **kwargs)
         if not isinstance(self.format, PromptFormat):
