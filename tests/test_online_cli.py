@@ -260,3 +260,11 @@ def test_nonfinite_gradient_skip_counts_in_summary(tmp_path, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 3
     assert summary["train"]["online/reward_calls"] == 3 * 4 * 3
+
+
+def test_preference_data_is_refused_before_training(tmp_path, capsys):
+    from tests.test_errors import _error
+
+    line = _error(["stage=online_dpo", "data=sentiment", "data.generator.n=40"], tmp_path, capsys)
+    assert "stage=online_dpo samples its completions and trains on prompt-only data" in line
+    assert not list((tmp_path / "run").rglob("metrics.csv"))  # stopped before the first step

@@ -44,6 +44,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
+from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.engine import EngineBatch, ForwardEngine
 from dpo_lightning.losses import PreferenceLoss
 from dpo_lightning.models.parallel import is_sharded, is_zero3_partitioned
@@ -58,6 +59,10 @@ from dpo_lightning.stages.metrics import preference_metrics
 
 #: Checkpoint key of the sampling counters.
 STATE_KEY = "online_dpo"
+WRONG_DATA = (
+    "stage=online_dpo samples its completions and trains on prompt-only data: use "
+    "data=prompts data.path=<{prompt} rows> (or data=sentiment_prompts)"
+)
 # Sampling in on_after_batch_transfer is this stage's design, whatever DataModule feeds it.
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`.*")
 
@@ -140,6 +145,9 @@ class OnlineDPOModule(DPOModule):
 
     # -- set-up -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and not isinstance(datamodule, PromptDataModule):
+            raise UserError(WRONG_DATA)  # before the reference pass or any sampling
         super().setup(stage)
         self.reward.prepare(self.trainer.strategy.root_device)
 
@@ -149,10 +157,7 @@ class OnlineDPOModule(DPOModule):
     # -- sampling: prompts -> the training batch, before any callback sees it --------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> dict[str, Any]:
         if not isinstance(batch, dict) or "prompt_ids" not in batch:
-            raise UserError(
-                "stage=online_dpo samples its completions and trains on prompt-only data: use "
-                "data=prompts data.path=<{prompt} rows> (or data=sentiment_prompts)"
-            )
+            raise UserError(WRONG_DATA)
         training = self.trainer.training
         key = "train" if training else "val"
         index = self.counters["train_batches"] if training else self._val_batches
