@@ -111,7 +111,7 @@ def build_policy(model_cfg: DictConfig, vocab_size: int, seed: int):
 
 
 def build_module(cfg: DictConfig, tokenizer: Any, engine: ForwardEngine | None) -> L.LightningModule:
-    """The stage's LightningModule (``stage=dpo|sft|reward_model`` names it and its parts)."""
+    """The stage's LightningModule (``stage=dpo|sft|reward_model|online_dpo`` names it and its parts)."""
     return instantiate(
         cfg.stage.module,
         policy=build_policy(cfg.model, len(tokenizer), cfg.seed),

@@ -32,9 +32,11 @@ SMALL = [
 
 
 def test_every_preset_has_a_fixture():
-    # sentiment (generated), file (any path) and text (plain text for stage=sft, tested in
-    # test_sft.py) are not public preference sets
-    presets = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")} - {"sentiment", "file", "text"}
+    # sentiment (generated), file (any path), text (plain text for stage=sft, tested in
+    # test_sft.py) and the prompt-only prompts / sentiment_prompts (stage=online_dpo, tested in
+    # test_online_cli.py on fixtures/prompts.jsonl) are not public preference sets
+    other = {"sentiment", "file", "text", "prompts", "sentiment_prompts"}
+    presets = {p.stem for p in (CONF_DIR / "data").glob("*.yaml")} - other
     assert presets == set(PRESETS)
     assert all((FIXTURES / f"{p}.jsonl").exists() for p in PRESETS)
 

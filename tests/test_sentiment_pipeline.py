@@ -141,7 +141,18 @@ def test_miniature_pipeline_end_to_end(small_run):
 
     run, summary = small_run
     rows = read_frontier_csv(run / "frontier.csv")
-    assert [r["label"] for r in rows] == ["sft", "best_of_n", "dpo_beta_0.1", "dpo_beta_0.5"]
+    assert [r["label"] for r in rows] == [
+        "sft",
+        "best_of_n",
+        "dpo_beta_0.1",
+        "dpo_beta_0.5",
+        "online_beta_0.1",
+        "online_beta_0.5",
+    ]
+    # The same reward budget: the offline data set's N × K calls, measured from each online run.
+    assert {r["reward_calls"] for r in rows[2:]} == {96 * 4} == {summary["data"]["completions"]}
+    assert summary["verdict"]["rule"] and len(summary["verdict"]["points"]) == 2
+    assert all(s["steps"] == 96 // 8 for s in summary["online"].values())
     assert rows[0]["kl"] == 0.0 and rows[1]["reward"] >= rows[0]["reward"]
     assert all(r["reward"] is not None and -1 <= r["reward"] <= 1 for r in rows)
     assert (run / "frontier.png").read_bytes()[:4] == b"\x89PNG"
@@ -152,6 +163,9 @@ def test_miniature_pipeline_end_to_end(small_run):
         "pairs",
         "dpo/beta_0.1/hf_model",
         "dpo/beta_0.5/summary.json",
+        "prompts",
+        "online/beta_0.1/hf_model",
+        "online/beta_0.5/summary.json",
     ):
         assert (run / stage).exists(), stage
     assert summary["data"]["pairs"] > 0 and json.loads((run / "summary.json").read_text())["points"]

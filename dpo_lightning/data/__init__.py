@@ -1,5 +1,5 @@
 """Preference data: loading, row formats, validation, tokenization, collation, sampling, the
-DataModule.
+DataModule; and prompt-only data for online training (``prompts``: the completions are sampled).
 
 file → records (``sources``: a reader per file type, folders and hub data sets resolved to their
 files) → rows (``validate``: every fault counted with its file and line) → tokens (``tokenize``,

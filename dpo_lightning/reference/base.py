@@ -45,9 +45,10 @@ class ReferenceStrategy(nn.Module):
     rebuilt_on_start: bool = False
     #: Under FSDP2, keep :attr:`model`'s shards in CPU memory (``fully_shard``'s CPU offload).
     offload: bool = False
-    #: True when reference statistics come from a model run on the batch at hand, so any row and
-    #: any optional output (per-token log-probs) can be asked for; False for a cache of summed
-    #: log-probs of the data set's rows (``precomputed``).
+    #: True when reference statistics come from a model run on the batch at hand, so any row
+    #: (completions sampled during training included) and any optional output (per-token
+    #: log-probs) can be asked for; False for a cache of summed log-probs of the data set's rows
+    #: computed before training (``precomputed``).
     live: bool = True
 
     def __init__(self) -> None:

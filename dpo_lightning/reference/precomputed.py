@@ -82,7 +82,7 @@ class PrecomputedReference(ReferenceStrategy):
     The pass uses the datamodule's own train and validation loaders (their batch sizes).
     """
 
-    live = False  # summed log-probs of known rows only
+    live = False  # a lookup table of summed log-probs of the data set's rows
 
     def __init__(self, cache_dir: str | None = None) -> None:
         super().__init__()

@@ -17,11 +17,11 @@ def data_parallel_size(trainer: L.Trainer) -> int:
         return trainer.world_size
 
 
-def global_batch_line(per_device: int, replicas: int, accumulation: int) -> str:
+def global_batch_line(per_device: int, replicas: int, accumulation: int, unit: str = "pairs") -> str:
     total = per_device * replicas * accumulation
     return (
-        f"global batch = {per_device} pairs per device × {replicas} data-parallel ranks "
-        f"× {accumulation} accumulation = {total} pairs per optimizer step"
+        f"global batch = {per_device} {unit} per device × {replicas} data-parallel ranks "
+        f"× {accumulation} accumulation = {total} {unit} per optimizer step"
     )
 
 
@@ -35,7 +35,8 @@ class GlobalBatchSize(L.Callback):
         replicas, accumulation = data_parallel_size(trainer), trainer.accumulate_grad_batches
         self.global_batch_size = per_device * replicas * accumulation
         if trainer.is_global_zero:
-            print(f"[dpo_lightning] {global_batch_line(per_device, replicas, accumulation)}")
+            unit = getattr(trainer.datamodule, "batch_unit", "pairs")  # prompt-only data: prompts
+            print(f"[dpo_lightning] {global_batch_line(per_device, replicas, accumulation, unit)}")
 
 
 class PairIdRecorder(L.Callback):

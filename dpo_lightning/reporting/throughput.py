@@ -52,7 +52,10 @@ class RunTotals(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._sync(pl_module)
-        self._t0 = time.perf_counter()
+        # A stage that builds its batch once it is on the device (online DPO samples it there,
+        # before this hook) says when that began: its time is the batch's, too.
+        started = getattr(pl_module, "batch_started_at", None)
+        self._t0 = started if started is not None else time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

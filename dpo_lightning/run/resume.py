@@ -31,7 +31,7 @@ from dpo_lightning.run.integrity import check_intact, read_record
 from dpo_lightning.run.rundir import is_first_process
 
 # Config groups that define the trained model; a resume must not change any key in them.
-RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer", "train")
+RUN_DEFINING = ("seed", "model", "data", "loss", "reference", "optim", "trainer", "train", "online")
 # Keys inside those groups that may differ between the run and its resume.
 # Keys a resume may change. ``trainer.max_steps``: continuing a finished or killed run for longer
 # is routine (the LR schedule is then rebuilt for the new length, so only an unchanged

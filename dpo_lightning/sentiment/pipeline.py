@@ -13,8 +13,11 @@ Stages (each reads the previous one's output folder, see :func:`run_pipeline`):
 4. ``samples/`` K completions per training prefix from π_SFT, scored by ``reward``;
 5. ``pairs/``   preference pairs (``label.pairing``) as a ``{train, validation}`` dataset;
 6. ``dpo/beta_<β>/`` one ``dpo-train`` run per β from π_SFT (reference = π_SFT);
-7. ``frontier.csv`` / ``frontier.png`` / ``summary.json``: mean reward and KL(π‖π_ref) on
-   held-out prefixes for SFT, best-of-N and every DPO run.
+7. ``online/beta_<β>/`` one ``stage=online_dpo`` run per β on the same prefixes and the same
+   number of reward calls (:mod:`dpo_lightning.sentiment.online`; ``online.betas=[]``: none);
+8. ``frontier.csv`` / ``frontier.png`` / ``summary.json``: mean reward and KL(π‖π_ref) on
+   held-out prefixes for SFT, best-of-N and every run, and whether the online curve is above
+   the offline one (:func:`~dpo_lightning.sentiment.frontier.online_verdict`, printed).
 
 Training stages call :func:`dpo_lightning.train.train` in-process with a config composed from
 ``conf/train.yaml`` and the stage's ``overrides`` list, so every ``dpo-train`` option applies.
@@ -23,6 +26,7 @@ Training stages call :func:`dpo_lightning.train.train` in-process with a config 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -43,8 +47,14 @@ from dpo_lightning.sentiment.evaluate import (
     decode_completions,
     sample_and_score,
 )
-from dpo_lightning.sentiment.frontier import plot_frontier, write_frontier_csv
+from dpo_lightning.sentiment.frontier import (
+    online_verdict,
+    plot_frontier,
+    verdict_lines,
+    write_frontier_csv,
+)
 from dpo_lightning.sentiment.label import preference_dataset, preference_rows
+from dpo_lightning.sentiment.online import attach_reward_calls, run_online
 from dpo_lightning.sentiment.sampling import encode_prompts, sample_completions
 from dpo_lightning.train import CONF_DIR, train
 
@@ -64,8 +74,12 @@ def compose_train_config(overrides: list[str]) -> DictConfig:
         Singleton.set_state(state)
 
 
-def run_training(overrides: list[str], out_dir: Path, extra: list[str]) -> Path:
-    """One ``dpo-train`` job in ``out_dir``; returns its exported ``hf_model/``."""
+def run_training(
+    overrides: list[str], out_dir: Path, extra: list[str], settings: dict[str, Any] | None = None
+) -> Path:
+    """One ``dpo-train`` job in ``out_dir``; returns its exported ``hf_model/``. ``settings``
+    (``{dotted key: value}``) are set on the composed config, for values no override string
+    can carry safely (a whole reward config)."""
     cfg = compose_train_config(
         [
             *overrides,
@@ -74,6 +88,8 @@ def run_training(overrides: list[str], out_dir: Path, extra: list[str]) -> Path:
             f"paths.group=dpo-sentiment-{out_dir.name}",
         ]
     )
+    for key, value in (settings or {}).items():
+        OmegaConf.update(cfg, key, value, merge=False)
     train(cfg)
     return out_dir / "hf_model"
 
@@ -153,11 +169,12 @@ def evaluate_all(
     cfg: DictConfig,
     run: Path,
     sft_path: Path,
-    dpo_paths: dict[float, Path],
+    policies: dict[tuple[str, float], Path],
     prompts: list[str],
     reward,
 ) -> list[dict[str, Any]]:
-    """Frontier rows: SFT and best-of-N from N samples of π_SFT, then each DPO policy."""
+    """Frontier rows: SFT and best-of-N from N samples of π_SFT, then each trained policy
+    (``{(label prefix, β): path}``: ``dpo_beta_`` offline, ``online_beta_`` online)."""
     e, device = cfg.evaluate, _device()
     tokenizer = load_tokenizer(str(sft_path))
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -180,6 +197,7 @@ def evaluate_all(
             "reward": sft.reward,
             "kl": 0.0,
             "reward_std": float(sft.rewards.std()),
+            "reward_se": prompt_se(sft.rewards),
             "n_samples": sft.rewards.numel(),
         },
         {
@@ -189,14 +207,15 @@ def evaluate_all(
             "kl": best_of_n_kl(n),
             "n": n,
             "reward_std": float(sft.rewards.max(1).values.std()),
+            "reward_se": prompt_se(sft.rewards.max(1, keepdim=True).values),
             "n_samples": sft.rewards.numel(),
         },
     ]
     _write_examples(run / "eval" / "sft.jsonl", sft)
-    for beta, path in dpo_paths.items():
+    for (prefix, beta), path in policies.items():
         policy = load_causal_lm(str(path)).to(device)
         res = sample_and_score(policy, reference, k=e.samples_per_prompt, **args)
-        label = f"dpo_beta_{beta:g}"
+        label = f"{prefix}{beta:g}"
         rows.append(
             {
                 "label": label,
@@ -204,11 +223,19 @@ def evaluate_all(
                 "reward": res.reward,
                 "kl": res.kl,
                 "reward_std": float(res.rewards.std()),
+                "reward_se": prompt_se(res.rewards),
                 "n_samples": res.rewards.numel(),
             }
         )
         _write_examples(run / "eval" / f"{label}.jsonl", res)
     return rows
+
+
+def prompt_se(rewards: torch.Tensor) -> float:
+    """Standard error of the mean reward over (N prompts, k samples), prompts as the unit: the
+    k samples of one prompt are not independent."""
+    per_prompt = rewards.float().mean(dim=1)
+    return float(per_prompt.std() / per_prompt.numel() ** 0.5)
 
 
 def _write_examples(path: Path, res, n: int = 20) -> None:
@@ -238,6 +265,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     run = Path(cfg.paths.output_dir)
     run.mkdir(parents=True, exist_ok=True)
     start, times = time.perf_counter(), {}
+    load_start = list(os.getloadavg())  # the machine may be shared: timings mean little without it
 
     def tick(name: str) -> None:
         times[name] = round(time.perf_counter() - start - sum(times.values()), 2)
@@ -274,23 +302,40 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             ],
         )
     tick("dpo")
-    rows = evaluate_all(cfg, run, sft, dpo, eval_prompts, reward)
+    held = train_texts[p.n_train : p.n_train + cfg.online.val_prompts]  # in no other split
+    held = review_prefixes(held, tokenizer, p.min_tokens, p.max_tokens, cfg.seed + 2)
+    online, online_stats = run_online(cfg, run, sft, train_prompts, held, run_training)
+    tick("online")
+    policies = {("dpo_beta_", b): path for b, path in dpo.items()} | {
+        ("online_beta_", b): path for b, path in online.items()
+    }
+    rows = evaluate_all(cfg, run, sft, policies, eval_prompts, reward)
+    attach_reward_calls(rows, data_stats["completions"], online_stats)  # each point's data cost
     write_frontier_csv(rows, run / "frontier.csv")
     plot_frontier(rows, run / "frontier.png", getattr(reward, "name", "reward"), cfg.get("title"))
     tick("evaluate")
+    verdict = online_verdict(rows) if online else None
     summary = {
         "run_dir": str(run),
         "points": rows,
         "data": data_stats,
+        "online": online_stats,
+        "verdict": verdict,
         "stage_seconds": times,
         "wall_seconds": round(time.perf_counter() - start, 2),
+        "loadavg": {"start": load_start, "end": list(os.getloadavg())},
         "frontier_csv": str(run / "frontier.csv"),
         "frontier_png": str(run / "frontier.png"),
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for r in rows:
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
-        print(f"[dpo-sentiment] {r['label']:>16} β={beta:<5} reward={r['reward']:.4f} KL={r['kl']:.3f}")
+        calls = "" if r.get("reward_calls") is None else f" reward calls={r['reward_calls']}"
+        print(
+            f"[dpo-sentiment] {r['label']:>16} β={beta:<5} reward={r['reward']:.4f} KL={r['kl']:.3f}{calls}"
+        )
+    for line in verdict_lines(verdict) if verdict else []:
+        print(f"[dpo-sentiment] {line}")
     print(
         f"[dpo-sentiment] wrote {run / 'frontier.csv'} and {run / 'frontier.png'} "
         f"in {summary['wall_seconds']:.0f} s"

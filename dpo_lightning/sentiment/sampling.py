@@ -14,6 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.tokenize import encode_prompt
 from dpo_lightning.engine.logps import concatenated_forward
+from dpo_lightning.online.generation import left_pad
+
+__all__ = ["completion_logps", "cut_at_eos", "encode_prompts", "left_pad", "sample_completions"]
 
 
 def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
@@ -21,17 +24,6 @@ def cut_at_eos(ids: list[int], eos_id: int | None) -> list[int]:
     if eos_id is not None and eos_id in ids:
         return ids[: ids.index(eos_id) + 1]
     return ids
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """(N, T) ids and attention mask, padded on the left (generation appends on the right)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids, mask
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> list[list[int]]:

@@ -130,12 +130,45 @@ class DPOModule(PolicyModule):
     def _forwards(self, batch: dict[str, Any]) -> tuple[CompletionStats, CompletionStats | None]:
         """Policy and reference statistics of every completion, with the outputs the loss reads."""
         shared = EngineBatch(batch, outputs=self.policy_outputs)  # the packed mask is derived once
-        policy = self(shared)
+        return self(shared), self.reference_stats(shared)
+
+    def reference_stats(self, shared: EngineBatch) -> CompletionStats | None:
+        """Reference statistics of every completion of the batch, with the reference's own
+        optional outputs and the batch's derived state (None for a reference-free loss)."""
         if self.loss_fn.is_reference_free:
-            return policy, None
-        # The same derived state, the reference's own optional outputs.
+            return None
         reference_batch = dataclasses.replace(shared, outputs=self.reference_outputs)
-        return policy, self.reference.completion_logps(reference_batch, self.policy, self.engine)
+        return self.reference.completion_logps(reference_batch, self.policy, self.engine)
+
+    def mean_chosen_length(self, policy: CompletionStats, ci: Tensor) -> Tensor:
+        """The global batch's mean chosen length (0-d), which token-level terms (RPO/ORPO/SFT NLL)
+        divide by. Collective: every rank calls it, with or without pairs."""
+        (pairs, chosen_tokens), _ = self.global_sum(float(ci.numel()), policy.lengths[ci].sum())
+        return chosen_tokens / pairs.clamp(min=1.0)
+
+    def pair_losses(
+        self,
+        policy: CompletionStats,
+        reference: CompletionStats | None,
+        ci: Tensor,
+        ri: Tensor,
+        mean_chosen_length: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The loss on pairs ``(ci, ri)`` (P,) of per-completion statistics (B,): per-pair
+        ``(losses, chosen_rewards, rejected_rewards)``, each (P,)."""
+        kwargs = {"mean_chosen_length": mean_chosen_length}
+        for extra in self.extra_inputs:
+            kwargs |= extra.build(policy, reference, ci, ri)
+        return self.loss_fn(
+            policy.logps[ci],
+            policy.logps[ri],
+            None if reference is None else reference.logps[ci],
+            None if reference is None else reference.logps[ri],
+            chosen_lengths=policy.lengths[ci],
+            rejected_lengths=policy.lengths[ri],
+            chosen_nll=-policy.logps[ci] / policy.lengths[ci].clamp(min=1.0),
+            **kwargs,
+        )
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         if self.loss_fn.unpaired:
@@ -147,22 +180,8 @@ class DPOModule(PolicyModule):
                 "(unpaired rows: use loss=kto or loss=bco)"
             )
         policy, reference = self._forwards(batch)
-        chosen_nll = -policy.logps[ci] / policy.lengths[ci].clamp(min=1.0)
-        # Token-level terms (RPO/ORPO/SFT NLL) divide by the global batch's mean chosen length.
-        (pairs, chosen_tokens), _ = self.global_sum(float(ci.numel()), policy.lengths[ci].sum())
-        kwargs = {"mean_chosen_length": chosen_tokens / pairs.clamp(min=1.0)}
-        for extra in self.extra_inputs:
-            kwargs |= extra.build(policy, reference, ci, ri)
-        losses, chosen_rewards, rejected_rewards = self.loss_fn(
-            policy.logps[ci],
-            policy.logps[ri],
-            None if reference is None else reference.logps[ci],
-            None if reference is None else reference.logps[ri],
-            chosen_lengths=policy.lengths[ci],
-            rejected_lengths=policy.lengths[ri],
-            chosen_nll=chosen_nll,
-            **kwargs,
-        )
+        mean_length = self.mean_chosen_length(policy, ci)
+        losses, chosen_rewards, rejected_rewards = self.pair_losses(policy, reference, ci, ri, mean_length)
         metrics = preference_metrics(
             losses,
             chosen_rewards,
