@@ -9,6 +9,7 @@ is built once, for the engine that will read it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from dpo_lightning.data.cache import (
     tokenizer_fingerprint,
 )
 from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
-from dpo_lightning.data.loading import load_raw
+from dpo_lightning.data.loading import DataFileError, check_data_path, data_suffix, json_splits, load_raw
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
 from dpo_lightning.data.sampler import ResumableSampler
@@ -43,9 +44,14 @@ from dpo_lightning.data.validate import (
     raise_if_invalid,
     read_json_records,
 )
+from dpo_lightning.run.errors import ConfigError, check_choice, check_number
 
 # Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``).
 BATCH_COLUMNS = ["prompt_ids", "completion_ids", "pairs", "row_id"]
+ON_INVALID = ("error", "skip")
+PADDING_SIDES = ("right", "left")
+# The fields ``data.format=auto`` reads (a format object names its own in ``fields``).
+AUTO_FIELDS = ("prompt", "chosen", "rejected", "completions", "scores")
 
 
 @dataclass
@@ -62,9 +68,12 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: the policy's tokenizer.
-        path: hub id, local json/jsonl/parquet/csv file, or ``save_to_disk`` folder. A lone local
-            file is the ``train_split`` whatever that is called (validation carved from it).
-        generator: instead of ``path``, a callable returning a ``datasets.Dataset`` (built-in data).
+        path: hub id, local json/jsonl/parquet/csv file (optionally .gz/.bz2/.xz), or
+            ``save_to_disk`` folder. A lone local file is the ``train_split`` whatever that is
+            called (validation carved from it), unless it is one JSON object ``{split: [rows]}``.
+            A missing path that looks like a file is an error, never a hub id.
+        generator: used when ``path`` is None: a callable returning a ``datasets.Dataset``
+            (the built-in data); a set ``path`` means that data.
         name: hub configuration name.
         train_split, val_split: split names; a missing ``val_split`` is carved from train.
         val_fraction: share of train held out when the data has no validation split.
@@ -117,12 +126,20 @@ class PreferenceDataModule(L.LightningDataModule):
         layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
-        if (path is None) == (generator is None):
-            raise ValueError("give exactly one of data.path or data.generator")
-        if on_invalid not in ("error", "skip"):
-            raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
+        if path is None and generator is None:
+            raise ConfigError("no data: set data.path (a file, a folder or a hub dataset id)")
+        if path is not None:
+            check_data_path(str(path))
+            generator = None  # a set data.path means that data
+        check_number("batch_size", batch_size, minimum=1, integer=True)
+        check_number("eval_batch_size", eval_batch_size, minimum=1, integer=True, optional=True)
+        check_number("val_fraction", val_fraction, above=0, below=1)
+        check_choice("on_invalid", on_invalid, ON_INVALID)
+        check_choice("padding_side", padding_side, PADDING_SIDES)
+        check_number("pad_to_multiple_of", pad_to_multiple_of, minimum=1, integer=True, optional=True)
+        check_number("num_workers", num_workers, minimum=0, integer=True)
+        check_number("group_mega_batch_mult", group_mega_batch_mult, minimum=1, integer=True)
+        check_number("num_proc", num_proc, minimum=1, integer=True, optional=True)
         self.tokenizer = tokenizer
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -149,10 +166,20 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         sources = self._sources()
+        train = sources[self.train_split]
+        first = list(itertools.islice(train.records(), 200))
+        if not first:
+            raise DataFileError(
+                f"data {train.label} has no rows (an empty file, blank lines only, or a header "
+                "without rows): give data with preference rows"
+            )
+        sample = [r.row for r in first if r.row is not None]
+        check_column_case(sample, expected_columns(self.format), train.label)
         if isinstance(self.format, AutoFormat):
-            train = sources[self.train_split]
-            sample = [r.row for _, r in zip(range(200), train.records(), strict=False) if r.row is not None]
-            self.format = self.format.detect(sample, train.label)
+            try:
+                self.format = self.format.detect(sample, train.label)
+            except ValueError as err:
+                raise DataFileError(str(err)) from err
         rows = {}
         for split, src in sources.items():
             report = self.reports.setdefault(src.label, DataReport(source=src.label, unit=src.unit))
@@ -171,9 +198,28 @@ class PreferenceDataModule(L.LightningDataModule):
         raise_if_invalid(list(self.reports.values()), self.on_invalid)
         for report in self.reports.values():
             print(f"[dpo_lightning] data {report.summary_line()}")
-        for split, ds in (("train", self.train_set), ("validation", self.val_set)):
-            if len(ds) == 0:
-                raise ValueError(f"data: no usable rows left for {split}; see the counts above")
+        self._check_not_empty(train_report, val_report)
+
+    def _check_not_empty(self, train_report: DataReport, val_report: DataReport) -> None:
+        """No split may end empty: name the source, its counts and what to do."""
+        for split, ds, report in (
+            ("train", self.train_set, train_report),
+            ("validation", self.val_set, val_report),
+        ):
+            if len(ds) > 0:
+                continue
+            dropped = dict(report.dropped)
+            if report.rows_kept <= 1 and not dropped:
+                raise DataFileError(
+                    f"data {report.source}: {report.rows_kept} usable row(s): a validation split is "
+                    "carved from train (data.val_fraction), so at least 2 are needed; add rows or "
+                    "give a validation split (data.val_split)"
+                )
+            raise DataFileError(
+                f"data {report.source}: no usable rows left for {split} ({report.rows_in} read, "
+                f"{sum(dropped.values())} dropped: {dropped}); fix the rows "
+                "(data.on_invalid=error lists each fault with its lines)"
+            )
 
     def _sources(self) -> dict[str, Source]:
         if self.generator is not None:
@@ -181,15 +227,27 @@ class PreferenceDataModule(L.LightningDataModule):
             label = f"{getattr(self.generator, '__name__', 'generator')}[{self.train_split}]"
             return {self.train_split: Source(label, "row", lambda: dataset_records(ds))}
         local = Path(self.path).expanduser()
-        if local.is_file() and local.suffix.lower() in JSON_SUFFIXES:
+        if local.is_file() and data_suffix(local) in JSON_SUFFIXES:
+            splits = json_splits(local)
+            if splits is not None:  # one JSON object {split: [rows]}
+                return self._pick_splits(str(local), {k: _item_records(v) for k, v in splits.items()})
             return {self.train_split: Source(str(local), "line", lambda: read_json_records(local))}
         dd = load_raw(self.path, self.name)
         if local.is_file():  # a lone csv / parquet file
             return {self.train_split: Source(str(local), "row", lambda: dataset_records(dd["train"]))}
-        if self.train_split not in dd:
-            raise ValueError(f"data {self.path!r} has no split {self.train_split!r}; it has {list(dd)}")
-        splits = [s for s in (self.train_split, self.val_split) if s and s in dd]
-        return {s: Source(f"{self.path}[{s}]", "row", _records_of(dd[s])) for s in splits}
+        return self._pick_splits(self.path, {s: _records_of(ds) for s, ds in dd.items()}, unit="row")
+
+    def _pick_splits(
+        self, label: str, splits: dict[str, Callable[[], Iterator[Record]]], unit: str = "item"
+    ) -> dict[str, Source]:
+        """The train split and, when present, the validation split of a multi-split source."""
+        if self.train_split not in splits:
+            raise DataFileError(
+                f"data {label!r} has no split {self.train_split!r}; it has {sorted(splits)}: "
+                "set data.train_split (and data.val_split)"
+            )
+        names = [s for s in (self.train_split, self.val_split) if s and s in splits]
+        return {s: Source(f"{label}[{s}]", unit, splits[s]) for s in names}
 
     def _carve(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
         """Hold out ``val_fraction`` of the train rows (at least one), with ``seed``."""
@@ -291,3 +349,33 @@ class PreferenceDataModule(L.LightningDataModule):
 
 def _records_of(ds: datasets.Dataset) -> Callable[[], Iterator[Record]]:
     return lambda: dataset_records(ds)
+
+
+def _item_records(items: list[Any]) -> Callable[[], Iterator[Record]]:
+    return lambda: (Record(i, row) for i, row in enumerate(items, start=1))
+
+
+def expected_columns(fmt: Any) -> dict[str, str]:
+    """Our field -> the column a format reads it from (``data.columns`` applied)."""
+    columns = getattr(fmt, "columns", None) or {}
+    fields = getattr(fmt, "fields", None) or AUTO_FIELDS
+    return {f: columns.get(f, f) for f in fields if columns.get(f, f)}
+
+
+def check_column_case(rows: list[dict[str, Any]], expected: dict[str, str], source: str) -> None:
+    """Refuse columns that differ from the expected ones only in case (``Prompt``), with the
+    ``data.columns`` mapping that fixes it (rather than a missing-column fault on every row)."""
+    keys = {k for row in rows for k in row}
+    wrong = {
+        field: key
+        for field, column in expected.items()
+        if column not in keys
+        for key in sorted(keys)
+        if key.lower() == column.lower()
+    }
+    if wrong:
+        fix = " ".join(f"data.columns.{f}={k}" for f, k in wrong.items())
+        raise DataFileError(
+            f"data {source}: column(s) {', '.join(map(repr, wrong.values()))} differ from the expected "
+            f"{', '.join(repr(expected[f]) for f in wrong)} only in case: map them with {fix}"
+        )

@@ -5,7 +5,8 @@ reference_chosen_logps, reference_rejected_logps`` (P,) plus the keyword argumen
 ``chosen_lengths``/``rejected_lengths`` (P,) and returns ``(losses, chosen_rewards,
 rejected_rewards)``, each (P,). The training loop reduces and logs; it never checks a loss by
 name, it reads :attr:`PreferenceLoss.is_reference_free`. Pure torch: imports no Lightning and
-nothing else of the package.
+nothing else of the package but the leaf :mod:`dpo_lightning.run.errors` (constructors refuse
+out-of-range settings with its ``SettingError``: β > 0 and finite for every loss with a β).
 
 Files by family: ``base`` (index-API functions, base classes, helpers), ``margin`` (DPO and the
 losses that reshape its margin Δ), ``logratio`` (losses on the chosen and rejected log-ratios
