@@ -63,6 +63,45 @@ class Source:
     records: Callable[[], Iterator[Record]]
 
 
+def check_data_args(
+    path: str | None = None,
+    generator: Any = None,
+    batch_size: int = 8,
+    eval_batch_size: int | None = None,
+    val_fraction: float = 0.05,
+    on_invalid: str = "error",
+    padding_side: str = "right",
+    pad_to_multiple_of: int | None = None,
+    num_workers: int = 0,
+    group_mega_batch_mult: int = 50,
+    num_proc: int | None = None,
+    max_length: int = 512,
+    max_prompt_length: int | None = None,
+    truncation_mode: str = "keep_end",
+    format: Any = None,
+    **_: Any,
+) -> Limits:
+    """The checks of :class:`PreferenceDataModule`'s arguments that need neither data nor a
+    tokenizer (its constructor runs them; so does ``train.py``'s preflight, on ``data.*``, before
+    the tokenizer is built). Returns the length limits."""
+    if path is None and generator is None:
+        raise ConfigError("no data: set data.path (a file, a folder or a hub dataset id)")
+    if path is not None:
+        check_data_path(str(path))
+    check_number("batch_size", batch_size, minimum=1, integer=True)
+    check_number("eval_batch_size", eval_batch_size, minimum=1, integer=True, optional=True)
+    check_number("val_fraction", val_fraction, above=0, below=1)
+    check_choice("on_invalid", on_invalid, ON_INVALID)
+    check_choice("padding_side", padding_side, PADDING_SIDES)
+    check_number("pad_to_multiple_of", pad_to_multiple_of, minimum=1, integer=True, optional=True)
+    check_number("num_workers", num_workers, minimum=0, integer=True)
+    check_number("group_mega_batch_mult", group_mega_batch_mult, minimum=1, integer=True)
+    check_number("num_proc", num_proc, minimum=1, integer=True, optional=True)
+    if isinstance(format, str):
+        resolve_format(format)
+    return Limits(max_length, max_prompt_length, truncation_mode)
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs (or K-wise rankings) for DPO.
 
@@ -126,20 +165,23 @@ class PreferenceDataModule(L.LightningDataModule):
         layout: BatchLayout | None = None,
     ) -> None:
         super().__init__()
-        if path is None and generator is None:
-            raise ConfigError("no data: set data.path (a file, a folder or a hub dataset id)")
-        if path is not None:
-            check_data_path(str(path))
-            generator = None  # a set data.path means that data
-        check_number("batch_size", batch_size, minimum=1, integer=True)
-        check_number("eval_batch_size", eval_batch_size, minimum=1, integer=True, optional=True)
-        check_number("val_fraction", val_fraction, above=0, below=1)
-        check_choice("on_invalid", on_invalid, ON_INVALID)
-        check_choice("padding_side", padding_side, PADDING_SIDES)
-        check_number("pad_to_multiple_of", pad_to_multiple_of, minimum=1, integer=True, optional=True)
-        check_number("num_workers", num_workers, minimum=0, integer=True)
-        check_number("group_mega_batch_mult", group_mega_batch_mult, minimum=1, integer=True)
-        check_number("num_proc", num_proc, minimum=1, integer=True, optional=True)
+        self.limits = check_data_args(
+            path=path,
+            generator=generator,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            val_fraction=val_fraction,
+            on_invalid=on_invalid,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            num_workers=num_workers,
+            group_mega_batch_mult=group_mega_batch_mult,
+            num_proc=num_proc,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+        )
+        generator = None if path is not None else generator  # a set data.path means that data
         self.tokenizer = tokenizer
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -149,7 +191,6 @@ class PreferenceDataModule(L.LightningDataModule):
             self.format = self.format.configured(mapped, system_prompt)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.limits = Limits(max_length, max_prompt_length, truncation_mode)
         self.on_invalid = on_invalid
         self.num_workers, self.seed = num_workers, seed
         self.group_by_length, self.group_mega_batch_mult = group_by_length, group_mega_batch_mult

@@ -69,13 +69,23 @@ def check_data_path(path: str) -> None:
                 f"data.path={path!r}: unsupported file type {''.join(local.suffixes) or '(none)'}; use "
                 f"one of {sorted(FILE_BUILDERS)} (optionally .gz/.bz2/.xz) or a save_to_disk folder"
             )
-        if local.stat().st_size == 0:
-            raise DataFileError(f"data.path={path!r} is an empty file: give a file with preference rows")
+        if local.stat().st_size == 0 or (data_suffix(local) == ".csv" and _csv_lines(local) < 2):
+            raise DataFileError(
+                f"data.path={path!r} has no rows (an empty file, or a csv header alone): give a "
+                "file with preference rows"
+            )
     elif not local.exists() and looks_like_file(path):
         raise DataFileError(
             f"data.path={path!r}: no such file or folder (looked for {local.absolute()}): check the "
             "path; a hub dataset id is 'name' or 'org/name'"
         )
+
+
+def _csv_lines(path: Path) -> int:
+    """Non-blank lines of a csv, counting up to 2 (a header and one row are enough)."""
+    opener = COMPRESSION.get(path.suffix.lower(), open)
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        return sum(1 for _, line in zip(range(2), (ln for ln in f if ln.strip()), strict=False))
 
 
 def json_splits(path: str | Path) -> dict[str, list[Any]] | None:

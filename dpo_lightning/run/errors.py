@@ -161,7 +161,9 @@ def report_errors(prog: str = "dpo-train") -> Iterator[None]:
         _exit(prog, message)
 
 
-def config_error_line(err: BaseException, config_dir: str, overrides: list[str]) -> str:
+def config_error_line(
+    err: BaseException, config_dir: str, overrides: list[str], config_name: str = "train"
+) -> str:
     """One line for a Hydra composition error: Hydra's own words plus the valid choices."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
@@ -176,14 +178,17 @@ def config_error_line(err: BaseException, config_dir: str, overrides: list[str])
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         parent, _, _ = str(cause.full_key).rpartition(".")
         valid = _valid_keys(
-            config_dir, parent, [o for o in overrides if not o.startswith(f"{cause.full_key}=")]
+            config_dir,
+            parent,
+            [o for o in overrides if not o.startswith(f"{cause.full_key}=")],
+            config_name,
         )
         line = f"{str(err).splitlines()[0]} {str(cause).splitlines()[0]}"
         return f"{line}; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else line
     return words
 
 
-def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]:
+def _valid_keys(config_dir: str, parent: str, overrides: list[str], config_name: str) -> list[str]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -191,7 +196,7 @@ def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+            cfg = compose(config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
     except Exception:  # the valid keys are a courtesy: never mask the original error
@@ -199,7 +204,7 @@ def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]
 
 
 @contextmanager
-def hydra_errors(config_dir: str, prog: str = "dpo-train") -> Iterator[None]:
+def hydra_errors(config_dir: str, prog: str = "dpo-train", config_name: str = "train") -> Iterator[None]:
     """Around Hydra's entry: config-composition errors and unusable paths (e.g. the run
     directory Hydra creates) as one line and :data:`EXIT_CODE`, not a stripped traceback."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -212,7 +217,7 @@ def hydra_errors(config_dir: str, prog: str = "dpo-train") -> Iterator[None]:
         yield
     except (ConfigCompositionException, OverrideParseException) as err:
         overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-        _exit(prog, config_error_line(err, config_dir, overrides))
+        _exit(prog, config_error_line(err, config_dir, overrides, config_name))
     except OSError as err:
         if err.filename is None:
             raise

@@ -6,8 +6,9 @@ Where a setting is checked depends on who declares it, and nothing is checked tw
   :class:`~dpo_lightning.run.errors.SettingError` with the allowed range): losses (β > 0, ...),
   reference strategies, the DataModule and its length limits, engines, the model loader, LoRA;
 * :func:`check_settings` builds the cheap ones of those early from the config — the loss and the
-  reference strategy (with their pairing and the policy they need) — and calls the model's and
-  the adapter's argument checks, so their refusals come before the tokenizer is even built;
+  reference strategy (with their pairing and the policy they need) — and calls the data's, the
+  model's and the adapter's argument checks, so their refusals come before the tokenizer is even
+  built;
 * settings read by third-party classes (Lightning's ``Trainer``, the torch optimizer, the
   transformers scheduler) and the top-level keys are checked by :data:`RULES`; the optimizer and
   scheduler are also built once on a dummy parameter, so torch and transformers refuse their
@@ -27,6 +28,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from dpo_lightning.data.datamodule import check_data_args
 from dpo_lightning.models.loading import check_model_args
 from dpo_lightning.models.lora import check_lora, lora_args
 from dpo_lightning.reference import CopyReference
@@ -40,14 +42,13 @@ def _max_steps(value: Any, cfg: DictConfig) -> None:
     epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     if value == -1 and isinstance(epochs, int) and epochs >= 1:
         return  # documented: train trainer.max_epochs epochs
-    check_number(
-        "trainer.max_steps",
-        value,
-        minimum=1,
-        integer=True,
-        hint="0 would export the untrained model; -1 trains trainer.max_epochs epochs "
-        "(set trainer.max_epochs≥1 with it)",
-    )
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingError(
+            "trainer.max_steps",
+            value,
+            "an integer ≥ 1, or -1 with trainer.max_epochs ≥ 1 (train that many epochs)",
+            "0 would export the untrained model" if value == 0 else "",
+        )
 
 
 def _max_epochs(value: Any, cfg: DictConfig) -> None:
@@ -117,6 +118,8 @@ def check_settings(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key, default=_MISSING)
         if value is not _MISSING:
             check(value, cfg)
+    if cfg.get("data") is not None:
+        keyed("data", lambda: check_data_args(**_plain(cfg.data)))
     model = cfg.get("model")
     if model is not None:
         keyed("model", lambda: check_model_args(**OmegaConf.to_container(model, resolve=True)))
