@@ -1,7 +1,7 @@
 """LoRA adapters via ``peft`` (``model.lora``), and exporting a LoRA policy.
 
     dpo-train experiment=lora                              # LoRA policy, reference = adapter off
-    dpo-train reference=adapter model.lora='{r: 16, alpha: 32}' model.lora.merge_on_export=true
+    dpo-train reference=adapter model.lora='{r: 16, alpha: 32, merge_on_export: true}'
 
 The base weights are frozen and only the adapter trains; with ``reference=adapter`` the reference
 is the same model with the adapter disabled, so the base model is in memory once.
