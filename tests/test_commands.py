@@ -212,13 +212,18 @@ def test_gpu_command_runs_with_its_cpu_standin(cmd, argv, stand, workdir, monkey
     _check_tokenizer(args, run_dir)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "argv",
+def _unique(argvs: list[list[str]]) -> list[list[str]]:
+    return list({" ".join(a): a for a in argvs}.values())
+
+
+SUBPROCESS_RUNS = _unique(
     [c.argv for c in RUNS if _kind(c) == "subprocess"]
-    + [a for _, a in STANDIN_RUNS if _run_kind(a) == "subprocess"],
-    ids=lambda a: " ".join(a)[:100],
+    + [a for _, a in STANDIN_RUNS if _run_kind(a) == "subprocess"]
 )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", SUBPROCESS_RUNS, ids=lambda a: " ".join(a)[:100])
 def test_multiprocess_sweep_sentiment_and_bench_commands_run(argv, stand, workdir):
     cmd = Command("", " ".join(argv), argv)
     full = [*argv[: 3 if argv[0] == "python" else 1], *rewrite(cmd, stand, workdir)]

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import open_dict
 
 import dpo_lightning.train as train_mod
-from dpo_lightning.run.errors import EXIT_CODE, SettingError, report_errors
+from dpo_lightning.run.errors import EXIT_CODE, report_errors
 from dpo_lightning.train import train
 from tests.conftest import CONF_DIR, REPO, compose, run_cli
 from tests.standins import write_pairs
@@ -268,6 +268,7 @@ def test_max_steps_minus_one_with_an_epoch_limit_trains_that_epoch(tmp_path):
 def test_hydra_instantiation_error_is_unwrapped_and_rekeyed():
     """A constructor's SettingError raised inside Hydra's InstantiationException comes out under
     its full config key (``build``); a bug (any other error) still raises as it was."""
+    from dpo_lightning.run.errors import SettingError
     from dpo_lightning.run.settings import build
 
     cfg = compose(["loss=ipo", "loss.beta=-2"])
@@ -313,3 +314,9 @@ def test_readme_error_section_lists_exactly_what_is_tested():
     refused -= {"loss.components", "engine.chunk_size", "model.lora", "reference.alpha", "model.tokenizer"}
     missing = sorted(k for k in refused if k not in section)
     assert not missing, f"refused here but not listed in the README error section: {missing}"
+
+
+def test_a_run_that_took_no_step_says_so(tmp_path, capsys):
+    """No optimizer step (here: no training batch) exports the initial model: the log says so."""
+    _summary(["+trainer.limit_train_batches=0"], tmp_path / "run")
+    assert "warning: no optimizer step was taken" in capsys.readouterr().out

@@ -28,7 +28,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpo_lightning.data.datamodule import check_data_args
+from dpo_lightning.data.checks import check_data_args
 from dpo_lightning.models.loading import check_model_args
 from dpo_lightning.models.lora import check_lora, lora_args
 from dpo_lightning.reference import CopyReference
