@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dpo_lightning.data.auto import resolve_format
-from dpo_lightning.data.loading import DataFileError, check_data_path
+from dpo_lightning.data.loading import DataFileError
 from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.run.errors import ConfigError, check_choice, check_number
 
@@ -40,11 +40,10 @@ def check_data_args(
 ) -> Limits:
     """The checks of :class:`PreferenceDataModule`'s arguments that need neither data nor a
     tokenizer (its constructor runs them; so does ``train.py``'s preflight, on ``data.*``, before
-    the tokenizer is built). Returns the length limits."""
+    the tokenizer is built). Returns the length limits. ``data.path`` itself is checked when it is
+    read (:func:`~dpo_lightning.data.loading.check_data_path`; the preflight calls it too)."""
     if path is None and generator is None:
         raise ConfigError("no data: set data.path (a file, a folder or a hub dataset id)")
-    if path is not None:
-        check_data_path(str(path))
     check_number("batch_size", batch_size, minimum=1, integer=True)
     check_number("eval_batch_size", eval_batch_size, minimum=1, integer=True, optional=True)
     check_number("val_fraction", val_fraction, above=0, below=1)

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.data.checks import check_data_args
+from dpo_lightning.data.loading import check_data_path
 from dpo_lightning.models.loading import check_model_args
 from dpo_lightning.models.lora import check_lora, lora_args
 from dpo_lightning.reference import CopyReference
@@ -120,6 +121,8 @@ def check_settings(cfg: DictConfig) -> None:
             check(value, cfg)
     if cfg.get("data") is not None:
         keyed("data", lambda: check_data_args(**_plain(cfg.data)))
+        if cfg.data.get("path") is not None:
+            check_data_path(str(cfg.data.path))  # a missing file: before the tokenizer is built
     model = cfg.get("model")
     if model is not None:
         keyed("model", lambda: check_model_args(**OmegaConf.to_container(model, resolve=True)))
