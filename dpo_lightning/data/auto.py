@@ -10,6 +10,7 @@ from dpo_lightning.data.chat import ConversationalFormat
 from dpo_lightning.data.formats import ImplicitPromptFormat, RowFormat, StandardFormat
 from dpo_lightning.data.ranked import RankedFormat
 from dpo_lightning.data.unpaired import ConversationalUnpairedFormat, UnpairedFormat
+from dpo_lightning.run.errors import check_choice
 
 FORMATS: dict[str, type[RowFormat]] = {
     "standard": StandardFormat,
@@ -103,9 +104,7 @@ def resolve_format(fmt: str | Callable | None) -> Callable:
     if fmt is None:
         return StandardFormat()
     if isinstance(fmt, str):
-        if fmt == "auto":
+        if check_choice("format", fmt, ["auto", *sorted(FORMATS)]) == "auto":
             return AutoFormat()
-        if fmt not in FORMATS:
-            raise ValueError(f"data.format {fmt!r} unknown; use one of {['auto', *sorted(FORMATS)]}")
         return FORMATS[fmt]()
     return fmt

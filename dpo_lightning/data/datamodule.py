@@ -9,6 +9,7 @@ is built once, for the engine that will read it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,20 @@ from dpo_lightning.data.cache import (
     tokenize_fingerprint,
     tokenizer_fingerprint,
 )
+from dpo_lightning.data.checks import check_column_case, check_data_args, expected_columns
 from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
+from dpo_lightning.data.loading import DataFileError
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
 from dpo_lightning.data.sampler import ResumableSampler
 from dpo_lightning.data.sources import dataset_part, split_parts
 from dpo_lightning.data.splits import (
-    CROSS_SPLIT_POLICIES,
     Tokenized,
     carve,
     cross_split_duplicates,
     duplicates_line,
     split_fingerprint,
 )
-from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.data.unpaired import LabelledCollator, unpair_example
 from dpo_lightning.data.validate import Ledger, Part, SplitRows, raise_if_invalid, read_split
 
@@ -58,7 +59,9 @@ class PreferenceDataModule(L.LightningDataModule):
             ``save_to_disk`` folder (read by :mod:`dpo_lightning.data.sources`, every fault with
             its file and line). A lone local file is the ``train_split`` whatever that is called
             (validation carved from it).
-        generator: instead of ``path``, a callable returning a ``datasets.Dataset`` (built-in data).
+        generator: used when ``path`` is None: a callable returning a ``datasets.Dataset``
+            (the built-in data); a set ``path`` means that data. A missing path that looks like a
+            file is an error, never a hub id.
         name: hub configuration name.
         train_split, val_split: split names; a missing ``val_split`` is carved from train.
         val_fraction: share of train held out when the data has no validation split.
@@ -119,17 +122,24 @@ class PreferenceDataModule(L.LightningDataModule):
         unpair: bool = False,
     ) -> None:
         super().__init__()
-        if (path is None) == (generator is None):
-            raise ValueError("give exactly one of data.path or data.generator")
-        if on_invalid not in ("error", "skip"):
-            raise ValueError(f"data.on_invalid must be 'error' or 'skip', got {on_invalid!r}")
-        if cross_split_duplicates not in CROSS_SPLIT_POLICIES:
-            raise ValueError(
-                f"data.cross_split_duplicates must be one of {list(CROSS_SPLIT_POLICIES)}, "
-                f"got {cross_split_duplicates!r}"
-            )
-        if truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"data.truncation_mode must be keep_start or keep_end, got {truncation_mode!r}")
+        self.limits = check_data_args(
+            path=path,
+            generator=generator,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            val_fraction=val_fraction,
+            on_invalid=on_invalid,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            num_workers=num_workers,
+            group_mega_batch_mult=group_mega_batch_mult,
+            num_proc=num_proc,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            cross_split_duplicates=cross_split_duplicates,
+        )
+        generator = None if path is not None else generator  # a set data.path means that data
         self.tokenizer = tokenizer
         self.path, self.generator, self.name = path, generator, name
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -139,7 +149,6 @@ class PreferenceDataModule(L.LightningDataModule):
             self.format = self.format.configured(mapped, system_prompt)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.limits = Limits(max_length, max_prompt_length, truncation_mode)
         self.on_invalid = on_invalid
         self.num_workers, self.seed = num_workers, seed
         self.group_by_length, self.group_mega_batch_mult = group_by_length, group_mega_batch_mult
@@ -162,9 +171,20 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_set is not None:
             return
         parts = self._parts()
+        train = parts[self.train_split]
+        first = list(itertools.islice(itertools.chain.from_iterable(p.records() for p in train), 200))
+        if not first:
+            raise DataFileError(
+                f"data {train[0].label} has no rows (an empty file, blank lines only, or a header "
+                "without rows): give data with preference rows"
+            )
+        sample = [r.row for r in first if r.row is not None]
+        check_column_case(sample, expected_columns(self.format), train[0].label)
         if isinstance(self.format, AutoFormat):
-            train = parts[self.train_split]
-            self.format = self.format.detect(sample_rows(train, 200), train[0].label)
+            try:
+                self.format = self.format.detect(sample, train[0].label)
+            except ValueError as err:
+                raise DataFileError(str(err)) from err
         fmt = self.format
         if self.unpair:
             fmt = lambda row: unpair_example(self.format(row))  # noqa: E731
@@ -188,9 +208,31 @@ class PreferenceDataModule(L.LightningDataModule):
         line = duplicates_line(train, val, self.cross_split_duplicates)
         if line:
             print(f"[dpo_lightning] data: {line}")
-        for split, ds in (("train", self.train_set), ("validation", self.val_set)):
-            if len(ds) == 0:
-                raise ValueError(f"data: no usable rows left for {split}; see the counts above")
+        self._check_not_empty(read[self.train_split], read.get(self.val_split, read[self.train_split]))
+
+    def _check_not_empty(self, train: SplitRows, val: SplitRows) -> None:
+        """No split may end empty: name the source, its counts and what to do."""
+        for split, ds, rows in (("train", self.train_set, train), ("validation", self.val_set, val)):
+            if len(ds) > 0:
+                continue
+            reports = rows.ledger.reports
+            source = ", ".join(r.source for r in reports)
+            kept, read_in = sum(r.rows_kept for r in reports), sum(r.rows_in for r in reports)
+            dropped: dict[str, int] = {}
+            for r in reports:
+                for reason, n in r.dropped.items():
+                    dropped[reason] = dropped.get(reason, 0) + n
+            if kept <= 1 and not dropped:
+                raise DataFileError(
+                    f"data {source}: {kept} usable row(s): a validation split is carved from "
+                    "train (data.val_fraction), so at least 2 are needed; add rows or give a "
+                    "validation split (data.val_split)"
+                )
+            raise DataFileError(
+                f"data {source}: no usable rows left for {split} ({read_in} read, "
+                f"{sum(dropped.values())} dropped: {dropped}); fix the rows "
+                "(data.on_invalid=error lists each fault with its lines)"
+            )
 
     def _parts(self) -> dict[str, list[Part]]:
         """The files (or data sets) of each split, by split name."""

@@ -37,6 +37,7 @@ from dpo_lightning.data.formats import (
     squash_whitespace,
 )
 from dpo_lightning.data.tokenize import tokenize_text_batch
+from dpo_lightning.run.errors import check_choice
 
 Pairs = list[tuple[int, int]]
 
@@ -122,8 +123,7 @@ class RankedFormat(RowFormat):
     ) -> None:
         super().__init__(**kwargs)
         self.chat = chat
-        if mode not in PAIR_MODES:
-            raise ValueError(f"data.format.mode must be one of {sorted(PAIR_MODES)}, got {mode!r}")
+        check_choice("mode", mode, sorted(PAIR_MODES))
         self.mode, self.text_key, self.score_key = mode, text_key, score_key
         self.choice_column = choice_column
         self.completion_columns, self.score_columns = completion_columns, score_columns

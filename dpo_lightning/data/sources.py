@@ -11,8 +11,10 @@ A folder of data files and a hub data set are resolved to their files by ``datas
 (:func:`datasets.load_dataset_builder`: the split names and file patterns of ``load_dataset``,
 hub files downloaded to its cache), then each file is read by its reader and reported on its own
 (one malformed file faults its own lines). What no reader here handles — ``save_to_disk``
-folders, arrow or compressed files, the built-in generator — comes through ``datasets`` as rows
-numbered from 1 (their values are typed by Arrow, so there is no line to be malformed).
+folders, arrow files, compressed parquet, the built-in generator — comes through ``datasets`` as
+rows numbered from 1 (their values are typed by Arrow, so there is no line to be malformed).
+Compressed JSON / csv files (``.gz``, ``.bz2``, ``.xz``) are read by their inner suffix, line by
+line; one JSON document ``{split: [rows]}`` gives those splits, each row located by its item.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dpo_lightning.data.loading import is_saved_dataset, load_raw, looks_local
+from dpo_lightning.data.loading import (
+    COMPRESSION,
+    DataFileError,
+    check_data_path,
+    data_suffix,
+    is_saved_dataset,
+    json_splits,
+    load_raw,
+    looks_like_file,
+)
 from dpo_lightning.data.report import InvalidDataError
 from dpo_lightning.data.validate import Part, Record, dataset_records, read_json_records, unencodable
 
@@ -46,7 +57,8 @@ def read_csv_records(path: str | Path, delimiter: str = ",") -> Iterator[Record]
     csv.field_size_limit(CSV_FIELD_LIMIT)
     # surrogateescape: undecodable bytes become lone surrogates, found per row below, instead of
     # one UnicodeDecodeError for the whole file.
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    opener = COMPRESSION.get(Path(path).suffix.lower(), open)  # pairs.csv.gz: its text, decompressed
+    with opener(path, "rt", newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         header: list[str] | None = None
         start = 1
@@ -111,7 +123,7 @@ READERS: dict[str, tuple[Callable[..., Iterator[Record]], str]] = {
 
 def file_part(label: str, path: str | Path, delimiter: str | None = None) -> Part:
     """A data file as a part, read by the reader of its suffix (csv: ``delimiter`` if given)."""
-    suffix = Path(path).suffix.lower()
+    suffix = data_suffix(path)
     reader, unit = READERS[suffix]
     if delimiter is not None and suffix in (".csv", ".tsv"):  # a data set's own csv settings
         reader = functools.partial(read_csv_records, delimiter=delimiter)
@@ -151,17 +163,38 @@ def split_parts(
     a ``save_to_disk`` folder, a folder of data files, a hub id; anything else goes to
     :func:`~dpo_lightning.data.loading.load_raw` (which also raises for what it cannot read).
     """
+    check_data_path(path)  # missing, empty or unsupported: one line (never sent to the hub)
     local = Path(path).expanduser()
-    if local.is_file() and local.suffix.lower() in READERS:
+    compressed_parquet = local.suffix.lower() in COMPRESSION and data_suffix(local) == ".parquet"
+    if local.is_file() and data_suffix(local) in READERS and not compressed_parquet:
+        splits = json_splits(local) if data_suffix(local) in (".json", ".jsonl") else None
+        if splits is not None:  # one JSON object {split: [rows]}
+            parts = {s: [_items_part(f"{local}[{s}]", rows)] for s, rows in splits.items()}
+            return _pick(parts, str(local), train_split, val_split)
         return {train_split: [file_part(str(local), local)]}
     parts = None
-    if (local.is_dir() and not is_saved_dataset(local)) or (not local.exists() and not looks_local(path)):
+    if (local.is_dir() and not is_saved_dataset(local)) or (not local.exists() and not looks_like_file(path)):
         parts = data_file_parts(str(local) if local.exists() else path, name)
     if parts is None:
         dd = load_raw(path, name)
         if local.is_file():  # a lone file of another type: its one split is the train split
             dd = {train_split: dd["train"]}
         parts = {s: [dataset_part(f"{path}[{s}]", dd[s])] for s in dd}
+    return _pick(parts, path, train_split, val_split)
+
+
+def _pick(
+    parts: dict[str, list[Part]], label: str, train_split: str, val_split: str | None
+) -> dict[str, list[Part]]:
+    """The train split and, when present, the validation split of a multi-split source."""
     if train_split not in parts:
-        raise ValueError(f"data {path!r} has no split {train_split!r}; it has {list(parts)}")
+        raise DataFileError(
+            f"data {label!r} has no split {train_split!r}; it has {sorted(parts)}: "
+            "set data.train_split (and data.val_split)"
+        )
     return {s: parts[s] for s in (train_split, val_split) if s and s in parts}
+
+
+def _items_part(label: str, items: list) -> Part:
+    """A list of rows (one split of a JSON document) as a part, located by item number."""
+    return Part(label, "item", lambda: (Record(i, row) for i, row in enumerate(items, start=1)))

@@ -32,6 +32,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lightning.run.errors import check_choice, check_number
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
 
 @dataclass
 class TokenizedExample:
@@ -111,6 +115,20 @@ class Limits:
     max_prompt_length: int | None = None
     truncation_mode: str = "keep_end"
     add_eos: bool = True
+
+    def __post_init__(self) -> None:
+        hint = "room for a prompt token and a completion token"
+        check_number("max_length", self.max_length, minimum=2, integer=True, hint=hint)
+        if self.max_prompt_length is not None:
+            check_number(
+                "max_prompt_length",
+                self.max_prompt_length,
+                minimum=1,
+                below=self.max_length,
+                integer=True,
+                hint=f"below data.max_length={self.max_length}, so completions keep a token (null: no cut)",
+            )
+        check_choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
 
     def apply(self, prompt_ids: list[int], completions: list[list[int]], bos: int | None) -> TokenizedExample:
         """:func:`truncate` under these limits; a leading ``bos`` of the prompt is kept."""

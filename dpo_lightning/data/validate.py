@@ -21,6 +21,7 @@ from typing import Any
 import datasets
 
 from dpo_lightning.data.formats import InvalidRow
+from dpo_lightning.data.loading import read_bytes
 from dpo_lightning.data.report import DataReport, InvalidDataError
 
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -59,7 +60,7 @@ def read_json_records(path: str | Path) -> Iterator[Record]:
     A whole-file JSON document (array of objects, or ``{column: [values]}``) is located by item
     number; anything else is read as JSON Lines, blank lines skipped.
     """
-    data = Path(path).read_bytes()
+    data = read_bytes(path)  # decompressed when the suffix says so (.jsonl.gz)
     whole = _whole_document(data)
     if whole is not None:
         for i, row in enumerate(whole, start=1):

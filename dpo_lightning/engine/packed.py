@@ -25,8 +25,8 @@ from dpo_lightning.engine import doc_attention  # noqa: F401 - registers the pac
 from dpo_lightning.engine.base import EngineBatch, ForwardEngine
 from dpo_lightning.engine.chunked_head import head_log_sum_sq_probs, head_mean_logits, head_token_logps
 from dpo_lightning.engine.logps import CompletionStats
-from dpo_lightning.engine.packing import PackedCollator, packed_attention_kwargs
-from dpo_lightning.run.errors import UserError
+from dpo_lightning.engine.packing import PACKED_ATTENTION, PackedCollator, packed_attention_kwargs
+from dpo_lightning.run.errors import UserError, check_choice, check_number
 
 #: Config keys of models whose head output is transformed after the LM head (soft-capping, a
 #: scale): the chunked head would skip that step, so such models must use the padded engine.
@@ -60,7 +60,9 @@ class PackedEngine(ForwardEngine):
     ) -> None:
         super().__init__(compile=compile)
         self.prefix_sharing = prefix_sharing
-        self.chunk_size = chunk_size
+        self.chunk_size = check_number("chunk_size", chunk_size, minimum=1, integer=True, optional=True)
+        if attn_implementation is not None:
+            check_choice("attn_implementation", attn_implementation, sorted(PACKED_ATTENTION))
         self.attn_implementation = attn_implementation
 
     def collator(

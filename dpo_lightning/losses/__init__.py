@@ -9,7 +9,9 @@ does not depend on how the batch is split across ranks) and the optional inputs 
 losses (:mod:`~dpo_lightning.losses.unpaired`) take labelled rows instead. The training loop
 reduces and logs; it never checks a loss by name, it reads the attributes the losses declare
 (``is_reference_free``, ``unpaired``, ``needs_mismatched``, ``extra_inputs``). Pure torch:
-imports no Lightning and nothing else of the package.
+imports no Lightning and nothing else of the package but the leaf :mod:`dpo_lightning.run.errors`
+(constructors refuse out-of-range settings with its ``SettingError``: β > 0 and finite for every
+loss with a β).
 
 Files by family: ``base`` (index-API functions, base classes, helpers), ``margin`` (DPO and the
 losses that reshape its margin Δ or its log-probs), ``logratio`` (losses on the chosen and

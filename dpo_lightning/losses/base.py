@@ -21,6 +21,22 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpo_lightning.run.errors import check_number
+
+BETA_HINT = "β scales the implicit reward: β = 0 trains nothing, β < 0 trains toward the rejected answers"
+
+
+def check_beta(beta: float) -> float:
+    """β > 0 and finite (every loss with a β), else :class:`~dpo_lightning.run.errors.SettingError`."""
+    return check_number("beta", beta, above=0, hint=BETA_HINT)
+
+
+def check_label_smoothing(eps: float, *, above: float | None = None, below: float = 0.5) -> float:
+    """ε, a label-flip probability: in [0, 0.5) by default (ε = 0.5 makes chosen and rejected
+    interchangeable, so nothing is learned)."""
+    minimum = None if above is not None else 0
+    return check_number("label_smoothing", eps, minimum=minimum, above=above, below=below)
+
 
 def dpo_loss(
     pi_logps: Tensor, ref_logps: Tensor, yw_idxs: Tensor, yl_idxs: Tensor, beta: float
@@ -144,7 +160,7 @@ class ReferenceLoss(PreferenceLoss):
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
-        self.beta = beta
+        self.beta = check_beta(beta)
 
     def forward(
         self,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lightning.losses.base import PairLogps, ReferenceLoss, smoothed_sigmoid_loss
+from dpo_lightning.losses.base import PairLogps, ReferenceLoss, check_label_smoothing, smoothed_sigmoid_loss
 
 
 class NCAPairLoss(ReferenceLoss):
@@ -80,7 +80,7 @@ class AOTLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
         super().__init__(beta)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         policy = torch.sort(pair.policy_chosen - pair.policy_rejected, dim=0).values

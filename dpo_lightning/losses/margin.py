@@ -19,10 +19,12 @@ from dpo_lightning.losses.base import (
     PairLogps,
     ReferenceLoss,
     batch_token_nll,
+    check_label_smoothing,
     length_desensitized,
     require_lengths,
     smoothed_sigmoid_loss,
 )
+from dpo_lightning.run.errors import check_number
 
 
 class DPOLoss(ReferenceLoss):
@@ -51,7 +53,7 @@ class ConservativeDPOLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
         super().__init__(beta)
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         return smoothed_sigmoid_loss(self.beta * pair.logits, self.label_smoothing)
@@ -67,9 +69,7 @@ class RobustDPOLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.1) -> None:
         super().__init__(beta)
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"loss.label_smoothing must be in [0, 0.5) for robust, got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing)  # 1 − 2ε divides
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         z, eps = self.beta * pair.logits, self.label_smoothing
@@ -115,9 +115,7 @@ class ExoPairLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 1e-3) -> None:
         super().__init__(beta)
-        if not 0 < label_smoothing < 1:
-            raise ValueError(f"loss.label_smoothing must be in (0, 1) for exo_pair, got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing, above=0, below=1)  # log ε
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         z, eps = self.beta * pair.logits, self.label_smoothing
@@ -138,7 +136,7 @@ class DiscoPOPLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.05, tau: float = 0.05) -> None:
         super().__init__(beta)
-        self.tau = tau
+        self.tau = check_number("tau", tau, above=0)  # divides the margin
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         z = self.beta * pair.logits
@@ -178,7 +176,7 @@ class RPOLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, alpha: float = 1.0) -> None:
         super().__init__(beta)
-        self.alpha = alpha
+        self.alpha = check_number("alpha", alpha, minimum=0)
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         require_lengths("RPOLoss", chosen_lengths=pair.chosen_lengths)

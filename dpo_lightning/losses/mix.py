@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor, nn
 
 from dpo_lightning.losses.base import PreferenceLoss
+from dpo_lightning.run.errors import ConfigError, check_number
 
 
 class MixLoss(PreferenceLoss):
@@ -25,16 +26,19 @@ class MixLoss(PreferenceLoss):
     def __init__(self, components: Sequence[Mapping]) -> None:
         super().__init__()
         if not components:
-            raise ValueError("loss.components is empty: give a list of {loss: ..., weight: ...}")
+            raise ConfigError("loss.components is empty: give a list of {loss: ..., weight: ...}")
         for i, comp in enumerate(components):
             if getattr(comp.get("loss"), "unpaired", False):
                 raise ValueError(f"loss.components[{i}] is an unpaired loss: mix combines pairwise losses")
             if not isinstance(comp.get("loss"), PreferenceLoss) or "weight" not in comp:
-                raise ValueError(
+                raise ConfigError(
                     f"loss.components[{i}] must be {{loss: <config with _target_>, weight: <num>}}"
                 )
         self.losses = nn.ModuleList(comp["loss"] for comp in components)
-        self.weights = [float(comp["weight"]) for comp in components]
+        self.weights = [
+            float(check_number(f"components.{i}.weight", comp["weight"], minimum=0))
+            for i, comp in enumerate(components)
+        ]
 
     @property
     def is_reference_free(self) -> bool:

@@ -16,9 +16,12 @@ from dpo_lightning.losses.base import (
     PairLogps,
     ReferenceFreeLoss,
     batch_token_nll,
+    check_beta,
+    check_label_smoothing,
     per_token,
     smoothed_sigmoid_loss,
 )
+from dpo_lightning.run.errors import check_number
 
 
 class SimPOLoss(ReferenceFreeLoss):
@@ -37,7 +40,9 @@ class SimPOLoss(ReferenceFreeLoss):
 
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
+        self.beta = check_beta(beta)
+        self.gamma = check_number("gamma", gamma, minimum=0)  # a target margin: < 0 rewards losing
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         margin = per_token(pair.policy_chosen, pair.chosen_lengths) - per_token(
@@ -66,7 +71,7 @@ class ORPOLoss(ReferenceFreeLoss):
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
-        self.beta = beta
+        self.beta = check_beta(beta)
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         c = per_token(pair.policy_chosen, pair.chosen_lengths)

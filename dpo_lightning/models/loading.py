@@ -7,7 +7,22 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from dpo_lightning.run.errors import ConfigError, check_choice
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_model_args(dtype: str = "float32", quantization: dict[str, Any] | None = None, **_: Any) -> None:
+    """What loading the model would refuse, checked before anything is loaded (``train.py``'s
+    preflight; :func:`load_causal_lm` checks the dtype itself, quantization is left to
+    bitsandbytes there)."""
+    check_choice("dtype", dtype, DTYPES)
+    if quantization and not torch.cuda.is_available():
+        raise ConfigError(
+            "model.quantization (QLoRA, experiment=qlora) loads bitsandbytes 4/8-bit weights, which "
+            "need a CUDA GPU and none is visible: drop model.quantization (e.g. experiment=lora) or "
+            "run on a GPU"
+        )
 
 
 def load_causal_lm(
@@ -38,7 +53,7 @@ def load_causal_lm(
         quantization: ``BitsAndBytesConfig`` arguments (e.g. ``{load_in_4bit: true}``) to load the
             weights quantized — QLoRA with ``model.lora`` (needs CUDA and bitsandbytes).
     """
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = DTYPES[check_choice("dtype", dtype, DTYPES)]
     if name_or_path is None:
         if config is None:
             raise ValueError("set model.name_or_path (hub id or local folder) or model.config")

@@ -1,7 +1,7 @@
 """LoRA adapters via ``peft`` (``model.lora``), and exporting a LoRA policy.
 
     dpo-train experiment=lora                              # LoRA policy, reference = adapter off
-    dpo-train reference=adapter model.lora='{r: 16, alpha: 32}' model.lora.merge_on_export=true
+    dpo-train reference=adapter model.lora='{r: 16, alpha: 32, merge_on_export: true}'
 
 The base weights are frozen and only the adapter trains; with ``reference=adapter`` the reference
 is the same model with the adapter disabled, so the base model is in memory once.
@@ -13,6 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from dpo_lightning.run.errors import check_choice, check_number
+
+BIAS = ("none", "all", "lora_only")
+
+
+def check_lora(r: int = 8, alpha: float = 16, dropout: float = 0.0, bias: str = "none", **_: Any) -> None:
+    """The adapter's numbers in range (:class:`~dpo_lightning.run.errors.SettingError`), before
+    peft or any model is loaded."""
+    check_number("r", r, minimum=1, integer=True)
+    check_number("alpha", alpha, above=0)
+    check_number("dropout", dropout, minimum=0, below=1)
+    check_choice("bias", bias, BIAS)
+
+
+def lora_args(lora: dict[str, Any]) -> dict[str, Any]:
+    """``model.lora`` without the export keys: the arguments of :func:`apply_lora`."""
+    return {k: v for k, v in lora.items() if k not in EXPORT_KEYS}
 
 
 def apply_lora(
@@ -39,6 +57,7 @@ def apply_lora(
 
     The adapter's B matrix starts at zero, so the wrapped model computes exactly ``model``.
     """
+    check_lora(r, alpha, dropout, bias)
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # optional dependency
@@ -65,7 +84,7 @@ def build_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
     (``model.lora.merge_on_export`` is an export setting, see :func:`save_policy`)."""
     if not lora:
         return model
-    lora = {k: v for k, v in lora.items() if k not in EXPORT_KEYS}
+    lora = lora_args(lora)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # QLoRA: fp32 norms/head inputs and input grads through the frozen quantized base.
         from peft import prepare_model_for_kbit_training

@@ -8,6 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dpo_lightning.data.synthetic import sentiment_corpus
+from dpo_lightning.run.errors import UserError
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # A minimal chat template (ChatML-like) so conversational data works offline too. It renders tool
@@ -63,10 +64,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     Causal LMs often ship without a pad token; the EOS is used (padding is masked out of every
     loss and attention, so its id never matters) and the choice is logged.
     """
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # no such folder / files, an unreachable or unknown hub id
+        first = " ".join(str(err).split())[:200]
+        raise UserError(
+            f"cannot load the tokenizer {name_or_path!r} ({first}): give a folder with tokenizer "
+            "files or a reachable hub id (model.tokenizer; null: the one of model.name_or_path)"
+        ) from err
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
-            raise ValueError(
+            raise UserError(
                 f"tokenizer of {name_or_path!r} has neither a pad nor an eos token: "
                 "set one in its tokenizer_config.json"
             )

@@ -7,22 +7,31 @@ DPO's reference. Memory holds the base model once plus the small adapter, and no
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
 from dpo_lightning.reference.base import ReferenceStrategy
+from dpo_lightning.run.errors import ConfigError
+
+NEEDS_LORA = (
+    "reference=adapter needs a LoRA policy: set model.lora (e.g. experiment=lora, or "
+    "model.lora='{r: 8, alpha: 16}'), or use reference=copy"
+)
 
 
 class AdapterReference(ReferenceStrategy):
     """Reference log-probs from the policy's base weights (adapter disabled), in eval mode."""
 
+    def check_policy(self, lora: Any) -> None:
+        if not lora:
+            raise ConfigError(NEEDS_LORA)
+
     def build(self, policy: nn.Module) -> None:
         if not hasattr(policy, "disable_adapter"):
-            raise ValueError(
-                "reference=adapter needs a LoRA policy: set model.lora (e.g. experiment=lora, or "
-                "model.lora='{r: 8, alpha: 16}')"
-            )
+            raise ConfigError(NEEDS_LORA)
 
     def forward_params(self, policy: nn.Module) -> int:
         return sum(p.numel() for p in policy.parameters())  # the policy, adapter off

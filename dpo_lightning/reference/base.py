@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
+from dpo_lightning.run.errors import ConfigError
 
 
 class ReferenceStrategy(nn.Module):
@@ -64,6 +65,10 @@ class ReferenceStrategy(nn.Module):
         """Called before :meth:`build` with the policy's tokenizer: a strategy that loads a model
         of its own refuses one whose tokenizer differs (one line, before its weights load)."""
 
+    def check_policy(self, lora: Any) -> None:
+        """Refuse a policy config this strategy cannot work with (``model.lora``), before any
+        model is built (:class:`~dpo_lightning.run.errors.ConfigError`)."""
+
     def build(self, policy: nn.Module) -> None:
         """Build what the strategy holds from the initial policy (a frozen copy, ...)."""
 
@@ -93,17 +98,17 @@ def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
     """Refuse a reference-free loss with a reference, and a reference-based loss without one.
 
     Raises:
-        ValueError: one line naming the loss, the strategy and the fix.
+        ConfigError: one line naming the loss, the strategy and the fix.
     """
     loss_name, strategy_name = type(loss).__name__, type(strategy).__name__
     reference_free = bool(getattr(loss, "is_reference_free", False))
     if reference_free and strategy.provides_logps:
-        raise ValueError(
+        raise ConfigError(
             f"loss {loss_name} is reference-free but reference={strategy_name} would build and "
             "run a reference that is never read: add reference=none"
         )
     if not reference_free and not strategy.provides_logps:
-        raise ValueError(
+        raise ConfigError(
             f"loss {loss_name} needs reference log-probs but reference={strategy_name} gives none: "
             "use reference=copy (or precomputed/adapter/sync), or a reference-free loss "
             "(simpo, orpo, sft)"

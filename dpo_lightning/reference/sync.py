@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dpo_lightning.reference.base import CopyReference
+from dpo_lightning.run.errors import check_number
 
 
 @torch.no_grad()
@@ -39,11 +40,8 @@ class SyncReference(CopyReference):
 
     def __init__(self, alpha: float = 0.6, sync_steps: int = 512) -> None:
         super().__init__()
-        if not 0 < alpha <= 1:
-            raise ValueError(f"reference.alpha must be in (0, 1], got {alpha}")
-        if sync_steps < 1:
-            raise ValueError(f"reference.sync_steps must be >= 1, got {sync_steps}")
-        self.alpha, self.sync_steps = alpha, sync_steps
+        self.alpha = check_number("alpha", alpha, above=0, maximum=1, hint="1 = copy the policy")
+        self.sync_steps = check_number("sync_steps", sync_steps, minimum=1, integer=True)
 
     def callbacks(self) -> list[L.Callback]:
         return [ReferenceSync(self)]

@@ -4,14 +4,30 @@ Code that detects a mistake the user can fix raises :class:`UserError` (or a sub
 message that names the key, file or step and says what to do. :func:`report_errors` wraps the
 CLI and turns those, plus a few well-known exceptions (GPU out-of-memory, invalid data rows),
 into ``dpo-train: error: ...``. ``DPO_LIGHTNING_TRACEBACK=1`` re-raises instead (for debugging).
+
+The error types::
+
+    UserError                  anything the user can fix (exit code 2, one line)
+    ├── ConfigError            settings that cannot work together (names every key involved)
+    │   └── SettingError       one setting outside its allowed values: ``key=value: must be ...``
+    ├── DataFileError          (data/loading.py) a data file or path that cannot be read
+    └── InvalidDataError       (data/report.py) rows that cannot be trained on, by fault kind
+
+Settings are checked where they are declared — the constructor or function that takes them —
+with :func:`check_number` / :func:`check_choice`, which state the allowed range in the message.
+A constructor knows its argument's name (``beta``), not where the config put it: the caller that
+built it from the config re-keys the error (:meth:`SettingError.at`, ``loss.beta``).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -29,6 +45,86 @@ MEMORY_KNOBS = (
 
 class UserError(Exception):
     """A problem with the config, inputs or environment that the user can fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """Settings that cannot work, alone or together; the message names the keys and the fix."""
+
+
+class SettingError(ConfigError):
+    """One setting outside its allowed values: ``<key>=<value>: must be <allowed>[; <hint>]``."""
+
+    def __init__(self, key: str, value: Any, allowed: str, hint: str = "") -> None:
+        self.key, self.value, self.allowed, self.hint = key, value, allowed, hint
+        super().__init__(f"{key}={value!r}: must be {allowed}" + (f"; {hint}" if hint else ""))
+
+    @property
+    def name(self) -> str:
+        """The argument's own name (the last part of the key)."""
+        return self.key.rpartition(".")[2]
+
+    def at(self, key: str) -> SettingError:
+        """The same error under the setting's full config key (``beta`` -> ``loss.beta``)."""
+        return SettingError(key, self.value, self.allowed, self.hint)
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _bounds_text(minimum, maximum, above, below) -> str:
+    """``≥ 1``, ``> 0``, ``in [0, 0.5)``, ... for the message."""
+    low = (minimum, "[", "≥") if minimum is not None else (above, "(", ">")
+    high = (maximum, "]", "≤") if maximum is not None else (below, ")", "<")
+    if low[0] is not None and high[0] is not None:
+        return f"in {low[1]}{_num(low[0])}, {_num(high[0])}{high[1]}"
+    bound = low if low[0] is not None else high
+    return f"{bound[2]} {_num(bound[0])}" if bound[0] is not None else ""
+
+
+def check_number(
+    key: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    optional: bool = False,
+    hint: str = "",
+) -> Any:
+    """``value`` if it is a finite number within the bounds, else :class:`SettingError`.
+
+    ``minimum``/``maximum`` are inclusive, ``above``/``below`` exclusive; ``integer`` refuses
+    floats, ``optional`` lets ``None`` through. Booleans and strings (``seed=abc``) are refused.
+    """
+    if value is None and optional:
+        return value
+    kind = "an integer" if integer else "a finite number"
+    allowed = " ".join(filter(None, [kind, _bounds_text(minimum, maximum, above, below)]))
+    allowed += " (or null)" if optional else ""
+    numeric = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+        raise SettingError(key, value, allowed, hint)
+    out_of_range = (
+        (minimum is not None and value < minimum)
+        or (maximum is not None and value > maximum)
+        or (above is not None and value <= above)
+        or (below is not None and value >= below)
+    )
+    if out_of_range:
+        raise SettingError(key, value, allowed, hint)
+    return value
+
+
+def check_choice(key: str, value: Any, choices: Collection[Any], hint: str = "") -> Any:
+    """``value`` if it is one of ``choices``, else :class:`SettingError` (with a "did you mean")."""
+    if value in choices:
+        return value
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    extra = "; ".join(filter(None, [f"did you mean {close[0]!r}?" if close else "", hint]))
+    raise SettingError(key, value, "one of " + ", ".join(repr(c) for c in choices), extra)
 
 
 def oom_message(err: BaseException) -> str:
@@ -65,7 +161,9 @@ def report_errors(prog: str = "dpo-train") -> Iterator[None]:
         _exit(prog, message)
 
 
-def config_error_line(err: BaseException, config_dir: str, overrides: list[str]) -> str:
+def config_error_line(
+    err: BaseException, config_dir: str, overrides: list[str], config_name: str = "train"
+) -> str:
     """One line for a Hydra composition error: Hydra's own words plus the valid choices."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
@@ -80,14 +178,17 @@ def config_error_line(err: BaseException, config_dir: str, overrides: list[str])
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         parent, _, _ = str(cause.full_key).rpartition(".")
         valid = _valid_keys(
-            config_dir, parent, [o for o in overrides if not o.startswith(f"{cause.full_key}=")]
+            config_dir,
+            parent,
+            [o for o in overrides if not o.startswith(f"{cause.full_key}=")],
+            config_name,
         )
         line = f"{str(err).splitlines()[0]} {str(cause).splitlines()[0]}"
         return f"{line}; valid keys under {parent or 'the top level'}: {', '.join(valid)}" if valid else line
     return words
 
 
-def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]:
+def _valid_keys(config_dir: str, parent: str, overrides: list[str], config_name: str) -> list[str]:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -95,7 +196,7 @@ def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]
     try:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+            cfg = compose(config_name, overrides=[o for o in overrides if not o.startswith("hydra.")])
         node = OmegaConf.select(cfg, parent) if parent else cfg
         return sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
     except Exception:  # the valid keys are a courtesy: never mask the original error
@@ -103,7 +204,7 @@ def _valid_keys(config_dir: str, parent: str, overrides: list[str]) -> list[str]
 
 
 @contextmanager
-def hydra_errors(config_dir: str, prog: str = "dpo-train") -> Iterator[None]:
+def hydra_errors(config_dir: str, prog: str = "dpo-train", config_name: str = "train") -> Iterator[None]:
     """Around Hydra's entry: config-composition errors and unusable paths (e.g. the run
     directory Hydra creates) as one line and :data:`EXIT_CODE`, not a stripped traceback."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
@@ -116,7 +217,7 @@ def hydra_errors(config_dir: str, prog: str = "dpo-train") -> Iterator[None]:
         yield
     except (ConfigCompositionException, OverrideParseException) as err:
         overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-        _exit(prog, config_error_line(err, config_dir, overrides))
+        _exit(prog, config_error_line(err, config_dir, overrides, config_name))
     except OSError as err:
         if err.filename is None:
             raise

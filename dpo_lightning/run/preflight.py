@@ -1,6 +1,7 @@
 """Checks that run before any tokenizing or model work, each failing with one clear line.
 
-:func:`preflight` checks, in order: the output directory is writable; ``model.name_or_path``
+:func:`preflight` checks, in order: every setting (:func:`~dpo_lightning.run.settings.check_settings`:
+ranges, choices, pairings, the devices asked for); the output directory is writable; ``model.name_or_path``
 is a readable local model folder, or a hub id that can be reached (or is cached when
 ``HF_HUB_OFFLINE=1``) — probed in ~3 s instead of the hub client's retry loop — and so is a
 separate reference's ``reference.name_or_path``; ``data.max_length`` fits the model's (and that
@@ -25,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpo_lightning.run.errors import UserError
 from dpo_lightning.run.resume import check_checkpoint, resolve_ckpt_path
 from dpo_lightning.run.rundir import claim_run_dir
+from dpo_lightning.run.settings import check_settings
 
 # config.json keys that hold a model's context length, by model family.
 CONTEXT_KEYS = (
@@ -39,6 +41,7 @@ PROBE_TIMEOUT_S = 3.0
 
 def preflight(cfg: DictConfig) -> dict[str, Any] | None:
     """Run every check; returns the metadata of the checkpoint to resume from (or None)."""
+    check_settings(cfg)
     check_output_dir(Path(cfg.paths.output_dir))
     model_config = check_model_source(cfg.model)
     check_context_length(cfg, model_config)
