@@ -29,7 +29,14 @@ from tests.conftest import REPO
 PROGRAMS = ("dpo-train", "dpo-sentiment", "python -m dpo_lightning", "torchrun")
 SETUP = ("python3 -m venv", ".", "pip", "pytest")
 # Placeholders written in docstrings / the README, and what stands in for them.
-PLACEHOLDERS = {"<sft dir>": "{model}", "data.path=...": "data.path={pairs}"}
+PLACEHOLDERS = {
+    "<sft dir>": "{model}",
+    "<SFT>": "runs/sft/hf_model",  # what the SFT command exports (model=tiny's tokenizer by default)
+    "<policy>": "{model}",
+    "<sft>": "{model}",
+    "<stage=reward_model run>/hf_model": "{reward_model}",
+    "data.path=...": "data.path={pairs}",
+}
 TORCHRUN = {"N": "2", "G": "8", "HOST:PORT": "localhost:29500"}
 STEPS = 2  # optimizer steps of every stand-in run
 
@@ -105,7 +112,11 @@ HARDWARE = {
     "experiment=qlora": ("a CUDA GPU and bitsandbytes (4-bit weights)", None),
     "launcher=slurm": ("a SLURM cluster", None),
     "pipeline=paper": ("a GPU and the hub (gpt2-large, IMDb, siebert)", None),
+    "export.push_to_hub=true": ("the hub (the upload after the export)", "export.push_to_hub=false"),
 }
+#: Needs met by the hub alone: the command composes and passes every pre-model check here (the
+#: upload itself fails offline in one line, after the export: test_model_card).
+HUB_ONLY = {"the hub (the upload after the export)"}
 
 
 def needs(cmd: Command) -> list[tuple[str, str | None]]:
@@ -134,6 +145,10 @@ class StandIns:
     root: Path
     model: Path
     files: dict[str, Path] = field(default_factory=dict)
+    #: model=tiny's architecture and tokenizer (what a default SFT run exports).
+    tiny_model: Path | None = None
+    #: a stage=reward_model export (a sequence classifier).
+    reward_model: Path | None = None
 
     def data(self, value: str) -> str:
         name = Path(value).name
@@ -141,15 +156,16 @@ class StandIns:
             return str(self.files[name])
         raise KeyError(f"no stand-in for data.path={value!r}: add one to test_commands.py's stand fixture")
 
-    def model_path(self, value: str, workdir: Path) -> str:
-        """A path the commands make (kept, under the work dir), else the stand-in model."""
+    def model_path(self, value: str, workdir: Path, default_policy: bool = False) -> str:
+        """A path the commands make (kept, under the work dir), else the stand-in model
+        (``default_policy``: a reference next to model=tiny gets model=tiny's tokenizer)."""
         if Path(value).is_dir():  # a stand-in already
             return value
         if value.startswith("/tmp/"):  # made by an earlier command (dpo-train ... hydra.run.dir=/tmp/sft)
             return str(workdir / value.lstrip("/"))
-        if value.startswith("runs/"):
+        if value.startswith("runs/") and (workdir / value).is_dir():  # made by an earlier command
             return value
-        return str(self.model)
+        return str(self.tiny_model if default_policy and self.tiny_model else self.model)
 
 
 def rewrite(cmd: Command, stand: StandIns, workdir: Path) -> list[str]:
@@ -158,12 +174,18 @@ def rewrite(cmd: Command, stand: StandIns, workdir: Path) -> list[str]:
     presets = {p.stem for p in (REPO / "conf" / "data").glob("*.yaml")} - {"sentiment", "file", "text"}
     for arg in cmd.argv[_program_len(cmd) :]:
         arg = arg.replace("{model}", str(stand.model)).replace("{pairs}", str(stand.files["pairs.jsonl"]))
+        arg = arg.replace("{reward_model}", str(stand.reward_model))
         arg = re.sub(r"trainer\.max_steps=\d+", f"trainer.max_steps={STEPS}", arg)
         arg = re.sub(r"step\d+\.ckpt", f"step{STEPS}.ckpt", arg)
         arg = re.sub(r"every_n_train_steps=\d+", "every_n_train_steps=1", arg)
         key, _, value = arg.partition("=")
         if key == "model.name_or_path":
             arg = f"{key}={stand.model_path(value, workdir)}"
+        elif key == "reference.name_or_path":  # the policy's tokenizer: the stand-in's, or model=tiny's
+            own_policy = any(a.startswith("model.name_or_path=") for a in cmd.argv)
+            arg = f"{key}={stand.model_path(value, workdir, default_policy=not own_policy)}"
+        elif key == "online.reward.path" and not Path(value).is_dir():
+            arg = f"{key}={stand.reward_model}"
         elif key == "data.path":
             arg = f"{key}={stand.data(value)}"
         elif key == "hydra.run.dir" and value.startswith("/"):

@@ -78,3 +78,44 @@ def same_tokenizer(a: str | Path, b: str | Path) -> bool:
 
     ta, tb = AutoTokenizer.from_pretrained(a), AutoTokenizer.from_pretrained(b)
     return ta.get_vocab() == tb.get_vocab() and ta.all_special_tokens == tb.all_special_tokens
+
+
+def make_tiny_default_folder(folder: Path) -> Path:
+    """model=tiny's architecture saved with model=tiny's own tokenizer: what ``dpo-train
+    stage=sft hydra.run.dir=runs/sft`` exports, so a reference made of it shares the default
+    policy's tokenizer."""
+    from dpo_lightning.models.loading import load_causal_lm
+    from dpo_lightning.models.tokenizers import offline_sentiment_tokenizer
+
+    if (folder / "config.json").exists():
+        return folder
+    tok = offline_sentiment_tokenizer(vocab_size=512)
+    config = dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    load_causal_lm(config=config, vocab_size=len(tok), seed=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_reward_model_folder(folder: Path, base: Path) -> Path:
+    """A ``stage=reward_model`` export (an ``AutoModelForSequenceClassification``, one label) on
+    the backbone of the causal LM in ``base``, with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from dpo_lightning.models.loading import load_causal_lm
+    from dpo_lightning.stages.reward_model import reward_model_from_causal_lm
+
+    if (folder / "config.json").exists():
+        return folder
+    tok = AutoTokenizer.from_pretrained(base)
+    reward_model_from_causal_lm(load_causal_lm(str(base)), tok.pad_token_id).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -168,7 +168,7 @@ def test_duplicates_carved_into_both_sides_of_one_file(tokenizer, tmp_path):
 
 
 def test_unknown_cross_split_policy_is_a_one_line_error(tokenizer, tmp_path):
-    with pytest.raises(ValueError, match="cross_split_duplicates must be one of"):
+    with pytest.raises(ValueError, match=r"cross_split_duplicates=.dedup.: must be one of"):
         make_dm(tokenizer, tmp_path, path="x.jsonl", cross_split_duplicates="dedup")
 
 

@@ -44,6 +44,10 @@ NEEDS = {
     "model=hf": ["model.name_or_path=org/model"],
     "reference=adapter": ["model.lora={{r: 8, alpha: 16}}"],  # the adapter reference needs LoRA
     "reference=none": ["loss=simpo"],  # no reference: a reference-free loss
+    "reference=model": ["reference.name_or_path=org/sft-model"],  # its checkpoint
+    "data=prompts": ["data.path={pairs}"],
+    "loss=kto": ["data.unpair=true"],  # unpaired losses train on labelled rows
+    "loss=bco": ["data.unpair=true"],
 }
 
 #: key suffix -> values that must be refused.
@@ -69,6 +73,12 @@ BAD: dict[str, list[Any]] = {
     "data.group_mega_batch_mult": [0],
     "data.num_proc": [0],
     "data.format": ["standrd"],  # a format name (string-valued presets only)
+    "data.cross_split_duplicates": ["keep_in_trian"],
+    "loss.divergence": ["kl"],
+    "loss.desirable_weight": [0, -1],
+    "loss.undesirable_weight": [0, NAN],
+    "reference.dtype": ["float33"],
+    "reference.device": ["gpu0"],
     "format.mode": ["best_vs_randm"],
     "model.dtype": ["float33"],
     "lora.r": [0],
@@ -161,6 +171,19 @@ UNCHECKED: dict[str, str] = {
     "trainer.deterministic": BOOL,
     "trainer.default_root_dir": "the run dir (paths.output_dir)",
     "stage.module": "the stage's own arguments: its constructor checks them when the model is built",
+    "data.unpair": BOOL,
+    "format.tool_call_tags": "the tag pair around a JSON tool call: a malformed call is a counted row fault",
+    "overwrite": BOOL + "; refused together with resume (test_run_safety)",
+    "resume_on_changed_data": BOOL,
+    "export.push_to_hub": BOOL,
+    "export.repo_id": "check_export: a missing / invalid repo id when pushing (test_model_card)",
+    "export.private": BOOL,
+    "export.revision": "a branch name: the hub refuses an invalid one at the push (one line)",
+    "reference.tokenizer": "loading it fails in one line; compared with the policy's (test_reference_model)",
+    "reference.attn_implementation": "transformers checks it when the reference loads",
+    "reference.trust_remote_code": BOOL,
+    "reference.gguf_file": "must be a file in reference.name_or_path: loading refuses it in one line",
+    "reference.offload": BOOL + "; refused without FSDP2 or with reference.device=cpu (test_reference_model)",
 }
 
 

@@ -190,7 +190,7 @@ def test_compressed_files_are_read(suffix, tmp_path):
         (
             ["data.format=standrd"],
             "data.format='standrd': must be one of 'auto', 'conversational', 'implicit_prompt', "
-            "'ranked', 'standard'; did you mean 'standard'?",
+            "'ranked', 'standard', 'unpaired', 'unpaired_conversational'; did you mean 'standard'?",
         ),
         (
             ["data.truncation_mode=keep_middle"],
@@ -255,7 +255,7 @@ def test_beta_must_be_positive_and_finite_for_every_loss(loss, beta, tmp_path, c
 
 
 def test_losses_with_beta_are_all_found():
-    assert len(_losses_with_beta()) == 18  # all but sft (no β) and mix (its components have theirs)
+    assert len(_losses_with_beta()) == 22  # all but sft (no β) and mix (its components have theirs)
 
 
 def test_max_steps_minus_one_with_an_epoch_limit_trains_that_epoch(tmp_path):

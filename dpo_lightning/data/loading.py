@@ -133,12 +133,21 @@ def load_raw(path: str, name: str | None = None, split: str | None = None) -> da
 def _load_hub(path: str, name: str | None) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(path, name)
-    except (ConnectionError, FileNotFoundError) as err:  # offline, unreachable, no such dataset
-        first = " ".join(str(err).split())[:200]
-        raise DataFileError(
-            f"data.path={path!r} is a hub dataset id that cannot be loaded ({first}): check the id, "
-            "go online (unset HF_DATASETS_OFFLINE), or give a local copy (data.path=<file or folder>)"
-        ) from err
+    except HUB_ERRORS as err:
+        raise hub_error(path, err) from err
+
+
+#: What ``datasets`` raises for a hub id it cannot load: offline, unreachable, no such dataset.
+HUB_ERRORS = (ConnectionError, FileNotFoundError)
+
+
+def hub_error(path: str, err: BaseException) -> DataFileError:
+    """The one line for a hub dataset id that cannot be loaded (``err``: one of :data:`HUB_ERRORS`)."""
+    first = " ".join(str(err).split())[:200]
+    return DataFileError(
+        f"data.path={path!r} is a hub dataset id that cannot be loaded ({first}): check the id, "
+        "go online (unset HF_DATASETS_OFFLINE), or give a local copy (data.path=<file or folder>)"
+    )
 
 
 def is_saved_dataset(folder: Path) -> bool:

@@ -30,9 +30,11 @@ import pyarrow.parquet as pq
 
 from dpo_lightning.data.loading import (
     COMPRESSION,
+    HUB_ERRORS,
     DataFileError,
     check_data_path,
     data_suffix,
+    hub_error,
     is_saved_dataset,
     json_splits,
     load_raw,
@@ -174,7 +176,12 @@ def split_parts(
         return {train_split: [file_part(str(local), local)]}
     parts = None
     if (local.is_dir() and not is_saved_dataset(local)) or (not local.exists() and not looks_like_file(path)):
-        parts = data_file_parts(str(local) if local.exists() else path, name)
+        try:
+            parts = data_file_parts(str(local) if local.exists() else path, name)
+        except HUB_ERRORS as err:
+            if local.exists():
+                raise
+            raise hub_error(path, err) from err
     if parts is None:
         dd = load_raw(path, name)
         if local.is_file():  # a lone file of another type: its one split is the train split

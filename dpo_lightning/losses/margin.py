@@ -24,7 +24,7 @@ from dpo_lightning.losses.base import (
     require_lengths,
     smoothed_sigmoid_loss,
 )
-from dpo_lightning.run.errors import check_number
+from dpo_lightning.run.errors import check_choice, check_number
 
 
 class DPOLoss(ReferenceLoss):
@@ -234,9 +234,8 @@ class FDivergenceDPOLoss(ReferenceLoss):
 
     def __init__(self, beta: float = 0.1, divergence: str = "reverse_kl", alpha: float = 0.5) -> None:
         super().__init__(beta)
-        if divergence not in F_DIVERGENCES:
-            raise ValueError(f"loss.divergence must be one of {sorted(F_DIVERGENCES)}, got {divergence!r}")
-        self.divergence, self.alpha = divergence, alpha
+        self.divergence = check_choice("divergence", divergence, tuple(F_DIVERGENCES))
+        self.alpha = check_number("alpha", alpha, minimum=0)  # α = 0: forward KL; α → 1: reverse KL
 
     def pair_losses(self, pair: PairLogps) -> Tensor:
         f_prime = F_DIVERGENCES[self.divergence]
@@ -267,7 +266,7 @@ class LDDPOLoss(DPOLoss):
 
     def __init__(self, beta: float = 0.1, alpha: float = 0.5) -> None:
         super().__init__(beta)
-        self.alpha = alpha
+        self.alpha = check_number("alpha", alpha, minimum=0, maximum=1)  # a down-weighting factor
 
     def forward(
         self,

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dpo_lightning.losses.base import check_beta
+from dpo_lightning.run.errors import check_number
+
 #: The paper's range for ``λ_D n_D / (λ_U n_U)`` (KTO, Ethayarajh et al. 2024, Eq. 8).
 LOSS_AVERSION_RANGE = (1.0, 4 / 3)
 
@@ -90,8 +93,9 @@ class KTOLoss(UnpairedLoss):
         self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
     ) -> None:
         super().__init__()
-        self.beta = beta
-        self.desirable_weight, self.undesirable_weight = desirable_weight, undesirable_weight
+        self.beta = check_beta(beta)
+        self.desirable_weight = check_number("desirable_weight", desirable_weight, above=0)
+        self.undesirable_weight = check_number("undesirable_weight", undesirable_weight, above=0)
 
     def forward(
         self, policy_logps: Tensor, reference_logps: Tensor | None, labels: Tensor, **kwargs: Tensor
@@ -148,7 +152,7 @@ class BCOLoss(UnpairedLoss):
 
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
-        self.beta = beta
+        self.beta = check_beta(beta)
         self.register_buffer("running_mean", torch.zeros(()))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 

@@ -32,10 +32,10 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
-from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.loading import DTYPES, load_causal_lm
 from dpo_lightning.models.tokenizers import load_tokenizer, tokenizer_differences
 from dpo_lightning.reference.base import ReferenceStrategy
-from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.errors import UserError, check_choice
 
 
 class ModelReference(ReferenceStrategy):
@@ -67,10 +67,8 @@ class ModelReference(ReferenceStrategy):
         offload: bool = False,
     ) -> None:
         super().__init__()
-        if device not in (None, "cpu"):
-            raise UserError(
-                f"reference.device={device!r}: use null (the reference lives with the policy) or cpu"
-            )
+        check_choice("dtype", dtype, tuple(DTYPES))
+        check_choice("device", device, (None, "cpu"), hint="null: the reference lives with the policy")
         if device == "cpu" and offload:
             raise UserError(
                 "reference.device=cpu and reference.offload=true: pick one (offload is for FSDP2, "
@@ -94,7 +92,7 @@ class ModelReference(ReferenceStrategy):
         source = self.tokenizer_source or self.name_or_path
         try:
             theirs = load_tokenizer(source, self.load_kwargs["trust_remote_code"])
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, UserError) as err:
             raise UserError(
                 f"{self.source}: no tokenizer to compare with the policy's at {source!r} "
                 f"({str(err).splitlines()[0]}); save it there or set reference.tokenizer=<folder or hub id>"

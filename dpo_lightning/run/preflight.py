@@ -41,18 +41,20 @@ PROBE_TIMEOUT_S = 3.0
 
 def preflight(cfg: DictConfig) -> dict[str, Any] | None:
     """Run every check; returns the metadata of the checkpoint to resume from (or None)."""
+    reference = cfg.get("reference") or {}
+    # A reference with a checkpoint of its own (reference=model). `in` on the config itself
+    # treats a missing value (???) as absent, its keys() do not. First: the settings check
+    # builds the reference strategy.
+    own_checkpoint = "name_or_path" in reference.keys()  # noqa: SIM118
+    if own_checkpoint and OmegaConf.is_missing(reference, "name_or_path"):
+        raise UserError(
+            "reference=model needs reference.name_or_path=<folder or hub id> (the reference checkpoint)"
+        )
     check_settings(cfg)
     check_output_dir(Path(cfg.paths.output_dir))
     model_config = check_model_source(cfg.model)
     check_context_length(cfg, model_config)
-    reference = cfg.get("reference") or {}
-    # A reference with a checkpoint of its own (reference=model). `in` on the config itself
-    # treats a missing value (???) as absent, its keys() do not.
-    if "name_or_path" in reference.keys():  # noqa: SIM118
-        if OmegaConf.is_missing(reference, "name_or_path"):
-            raise UserError(
-                "reference=model needs reference.name_or_path=<folder or hub id> (the reference checkpoint)"
-            )
+    if own_checkpoint:
         check_context_length(cfg, check_model_source(reference, key="reference"), key="reference")
     check_export(cfg.get("export") or {})
     with claim_run_dir(cfg):  # the run dir's lock; an earlier run there needs resume=true or overwrite=true
