@@ -181,9 +181,9 @@ def rewrite(cmd: Command, stand: StandIns, workdir: Path) -> list[str]:
         key, _, value = arg.partition("=")
         if key == "model.name_or_path":
             arg = f"{key}={stand.model_path(value, workdir)}"
-        elif key == "reference.name_or_path":  # the policy's tokenizer: the stand-in's, or model=tiny's
-            own_policy = any(a.startswith("model.name_or_path=") for a in cmd.argv)
-            arg = f"{key}={stand.model_path(value, workdir, default_policy=not own_policy)}"
+        elif key == "reference.name_or_path":  # it must share the policy's tokenizer
+            policy = next((a.split("=", 1)[1] for a in out if a.startswith("model.name_or_path=")), None)
+            arg = f"{key}={policy or stand.model_path(value, workdir, default_policy=True)}"
         elif key == "online.reward.path" and not Path(value).is_dir():
             arg = f"{key}={stand.reward_model}"
         elif key == "data.path":

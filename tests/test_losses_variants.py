@@ -119,7 +119,7 @@ def test_f_dpo_limits():
     torch.testing.assert_close(L.FDivergenceDPOLoss(0.3, "alpha", alpha=1.0)(*x)[0], dpo)
     forward = L.FDivergenceDPOLoss(0.3, "forward_kl")(*x)[0]
     torch.testing.assert_close(L.FDivergenceDPOLoss(0.3, "alpha", alpha=0.0)(*x)[0], forward)
-    with pytest.raises(ValueError, match=r"loss\.divergence must be one of"):
+    with pytest.raises(ValueError, match=r"divergence=.kl.: must be one of"):
         L.FDivergenceDPOLoss(0.3, "kl")
 
 
