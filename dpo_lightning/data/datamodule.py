@@ -33,7 +33,7 @@ from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
 from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
-from dpo_lightning.data.sampler import ResumableSampler
+from dpo_lightning.data.sampler import ResumableSampler, data_parallel_position
 from dpo_lightning.data.tokenize import Limits
 from dpo_lightning.data.validate import (
     JSON_SUFFIXES,
@@ -245,13 +245,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Seeded per epoch, sharded like DistributedSampler, optionally length-grouped, and
         # stateful, so a run resumed mid-epoch sees exactly the remaining batches.
-        trainer = self.trainer
+        rank, replicas = data_parallel_position(self.trainer)  # TP ranks share a batch
         sampler = ResumableSampler(
             self.train_set,
             self.batch_size,
             seed=self.seed,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
+            num_replicas=replicas,
+            rank=rank,
             lengths=self.train_set["length"] if self.group_by_length else None,
             mega_batch_mult=self.group_mega_batch_mult,
         )

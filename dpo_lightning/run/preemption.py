@@ -7,7 +7,9 @@ torchrun agent SIGTERMs its workers. :class:`Preemption` turns any of ``preempti
 into: finish the optimizer step in flight, write ``checkpoints/last.ckpt`` through the run's own
 checkpoint I/O (atomic; config, version, RNG states and data-loader position included, exactly
 what a periodic checkpoint holds), run ``scontrol requeue <job id>`` on rank 0 for a
-``preemption.requeue_on`` signal under SLURM, and exit with status 128 + the signal number.
+``preemption.requeue_on`` signal under SLURM, let the step's metrics reach the loggers (and a
+validation due at that step run, as the resumed run skips it), and exit with status
+128 + the signal number.
 The restarted job resumes by itself, through the usual checks: :mod:`dpo_lightning.run.restarts`.
 
 Why not Lightning's ``SLURMEnvironment(auto_requeue=True)`` (Lightning 2.6): its handler saves an
@@ -113,6 +115,7 @@ class Preemption(L.Callback):
         self._active = False
         self._previous: dict[int, Any] = {}  # the handlers found before ours
         self._step_seen: int | None = None
+        self._exit_code: int | None = None  # set once the pre-emption checkpoint is written
 
     # -- handlers: record only; nothing else is safe inside a signal handler ----------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -183,4 +186,21 @@ class Preemption(L.Callback):
                 file=sys.stderr,
                 flush=True,
             )
-        raise Preempted(128 + signum)
+        # Lightning still logs this step's metrics and runs a validation due now (a run resumed
+        # from a checkpoint written here skips both), then stops the loop; exit at epoch end.
+        self._exit_code = 128 + signum
+        trainer.should_stop = True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._exit_if_stopped(trainer)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._exit_if_stopped(trainer)  # should_stop is ignored before trainer.min_steps
+
+    def _exit_if_stopped(self, trainer: L.Trainer) -> None:
+        if self._exit_code is not None:
+            for logger in trainer.loggers:
+                logger.save()
+            raise Preempted(self._exit_code)
