@@ -72,7 +72,8 @@ def _two_nodes(run_dir: Path, data: str, faults_on_node1: str | None = None, max
             data,
             *_fault_overrides(env),
         ]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, **pipes))
     results = []
     for proc in procs:
         try:
@@ -118,5 +119,6 @@ def test_killed_worker_restarts_and_resumes_by_itself(tmp_path, two_nodes, singl
     uninterrupted, restarted = _weights(two_nodes), _weights(run_dir)
     for name, w in uninterrupted.items():
         assert torch.equal(restarted[name], w), f"{name} differs after the elastic restart"
-    diff = _assert_same_weights(single("dpo"), run_dir, "two nodes, killed + restarted vs 1 process × batch 8")
+    label = "two nodes, killed + restarted vs 1 process × batch 8"
+    diff = _assert_same_weights(single("dpo"), run_dir, label)
     assert diff < 1e-5

@@ -34,7 +34,7 @@ from dpo_lightning.data.loading import load_raw
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
 from dpo_lightning.data.sampler import ResumableSampler, data_parallel_position
-from dpo_lightning.data.tokenize import Limits
+from dpo_lightning.data.tokenize import ACCOUNTING_COLUMNS, Limits, count_tokenized
 from dpo_lightning.data.validate import (
     JSON_SUFFIXES,
     Record,
@@ -224,21 +224,7 @@ class PreferenceDataModule(L.LightningDataModule):
             num_proc=self.num_proc if self.num_proc and len(rows) > 1000 else None,
             desc="tokenize",
         )
-        cols = tokenized.select_columns(
-            ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
-        ).to_dict()
-        keep = []
-        for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=False)):
-            if reason:
-                report.drop(reason, row_id + 1)
-                continue
-            keep.append(i)
-            report.truncate("prompt", int(cols["truncated_prompt"][i]))
-            report.truncate("completion", int(cols["truncated_completion"][i]))
-            for note in cols["notes"][i] or ():
-                report.note(note)
-        report.truncated = +report.truncated  # drop zero counts
-        report.rows_kept += len(keep)
+        keep = count_tokenized(tokenized.select_columns(ACCOUNTING_COLUMNS).to_dict(), report)
         return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
     # -- loaders ----------------------------------------------------------------------------

@@ -154,3 +154,26 @@ def tokenize_text_batch(
         for key, value in example_record(batch["row_id"][i], batch["pairs"][i], ex).items():
             out.setdefault(key, []).append(value)
     return out
+
+
+#: Columns of a tokenised batch that say what happened to each row (read by :func:`count_tokenized`).
+ACCOUNTING_COLUMNS = ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
+
+
+def count_tokenized(cols: dict[str, list], report: Any) -> list[int]:
+    """Record each tokenised row's fate in ``report`` (a :class:`~dpo_lightning.data.report.DataReport`):
+    dropped (with its 1-based location), truncated, notes; returns the indices of the rows kept.
+    The one accounting rule for the in-memory and the streaming path."""
+    keep = []
+    for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=False)):
+        if reason:
+            report.drop(reason, (row_id & 0xFFFFFFFF) + 1)  # streaming ids carry the shard above bit 32
+            continue
+        keep.append(i)
+        report.truncate("prompt", int(cols["truncated_prompt"][i]))
+        report.truncate("completion", int(cols["truncated_completion"][i]))
+        for note in cols["notes"][i] or ():
+            report.note(note)
+    report.truncated = +report.truncated  # drop zero counts
+    report.rows_kept += len(keep)
+    return keep

@@ -75,6 +75,13 @@ class DPOModule(PolicyModule):
     def setup(self, stage: str) -> None:
         self.reference.prepare(self.trainer, self.policy, self.engine)
 
+    # After configure_model: a pass over the data runs the sharded policy (reference=precomputed).
+    def on_fit_start(self) -> None:
+        self.reference.precompute(self.trainer, self.policy, self.engine)
+
+    def on_validation_start(self) -> None:
+        self.reference.precompute(self.trainer, self.policy, self.engine)  # trainer.validate alone
+
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
 
