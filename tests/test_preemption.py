@@ -207,3 +207,17 @@ def uninterrupted(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     run_cli([f"hydra.run.dir={run_dir}", *ARGS], run_dir, env=ENV)
     return run_dir
+
+
+def test_launcher_slurm_sets_the_signal_and_requeue_settings(tmp_path):
+    from dpo_lightning.run.callbacks import reliability_callbacks
+    from tests.conftest import compose
+
+    cfg = compose(["launcher=slurm", f"paths.output_dir={tmp_path}"])
+    assert cfg.hydra.launcher.signal_delay_s == 300 and cfg.hydra.launcher.additional_parameters.requeue
+    (preemption,) = [c for c in reliability_callbacks(cfg) if isinstance(c, Preemption)]
+    assert preemption.requeue_on == {signal.SIGUSR2}  # submitit's --signal
+    assert set(preemption.signals) == {signal.SIGUSR2, signal.SIGTERM}
+    default_cfg = compose([f"paths.output_dir={tmp_path}"])
+    default = next(c for c in reliability_callbacks(default_cfg) if isinstance(c, Preemption))
+    assert default.requeue_on == {signal.SIGUSR1, signal.SIGUSR2}

@@ -75,3 +75,16 @@ def test_tp2_fsdp_matches_one_process(stage, single, data_arg, tmp_path):
     assert s2["pairs_trained"] == s1["pairs_trained"] == 38  # counted once per TP group
     model = AutoModelForCausalLM.from_pretrained(tp / "hf_model")  # the full weights, re-assembled
     assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+
+
+def test_tp_fsdp_preset_builds_a_2d_strategy_and_checks_the_world():
+    from hydra.utils import instantiate
+
+    from dpo_lightning.models.parallel import FSDP2Strategy
+    from tests.conftest import compose
+
+    strategy = instantiate(compose(["trainer=tp_fsdp"]).trainer.strategy)
+    assert isinstance(strategy, FSDP2Strategy) and strategy._tensor_parallel_size == 2
+    strategy.num_nodes, strategy.parallel_devices = 1, [torch.device("cpu")] * 3
+    with pytest.raises(UserError, match=r"tensor_parallel_size=2 does not divide the 3 processes"):
+        strategy.setup_environment()

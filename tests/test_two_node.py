@@ -77,14 +77,16 @@ def _two_nodes(run_dir: Path, data: str, faults_on_node1: str | None = None, max
     results = []
     for proc in procs:
         try:
-            out, err = proc.communicate(timeout=600)
+            out, err = proc.communicate(timeout=400)
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             raise
         results.append((proc.returncode, out, err))
-    for node, (rc, out, err) in enumerate(results):
-        assert rc == 0, f"node {node} failed ({rc}):\n{out[-3000:]}\n{err[-5000:]}"
+    logs = "\n".join(
+        f"--- node {n} ({rc}):\n{out[-3000:]}\n{err[-6000:]}" for n, (rc, out, err) in enumerate(results)
+    )
+    assert all(rc == 0 for rc, _, _ in results), logs
     return results
 
 
@@ -112,7 +114,7 @@ def test_killed_worker_restarts_and_resumes_by_itself(tmp_path, two_nodes, singl
     run_dir = tmp_path / "run"
     (_, out0, err0), (_, out1, err1) = _two_nodes(run_dir, data_arg, faults_on_node1="kill@3", max_restarts=1)
     logs = out0 + err0 + out1 + err1
-    assert "exitcode  : -9" in logs or "Signal 9 (SIGKILL)" in logs, logs[-4000:]  # the kill happened
+    assert "failed (exitcode: -9)" in logs, logs[-4000:]  # the kill happened
     assert logs.count(": resuming from ") >= 2, logs[-4000:]  # both workers resumed
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"].endswith("last.ckpt") and summary["steps"] == 5
