@@ -46,7 +46,7 @@ def _free_port() -> int:
 
 
 def _two_nodes(run_dir: Path, data: str, faults_on_node1: str | None = None, max_restarts: int = 0):
-    """Start both agents, wait for both; returns their CompletedProcess-like (rc, out, err)."""
+    """Start both agents, wait for both; returns each node's (exit code, log)."""
     port = _free_port()
     procs = []
     for node in (0, 1):
@@ -72,21 +72,20 @@ def _two_nodes(run_dir: Path, data: str, faults_on_node1: str | None = None, max
             data,
             *_fault_overrides(env),
         ]
-        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, **pipes))
+        log = open(run_dir.parent / f"node{node}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        results.append((proc.returncode, out, err))
-    logs = "\n".join(
-        f"--- node {n} ({rc}):\n{out[-3000:]}\n{err[-6000:]}" for n, (rc, out, err) in enumerate(results)
-    )
-    assert all(rc == 0 for rc, _, _ in results), logs
+    try:
+        for proc, log in procs:
+            proc.wait(timeout=400)
+            log.close()
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+    for node, (proc, _) in enumerate(procs):
+        results.append((proc.returncode, (run_dir.parent / f"node{node}.log").read_text()))
+    logs = "\n".join(f"--- node {n} ({rc}):\n{out[-6000:]}" for n, (rc, out) in enumerate(results))
+    assert all(rc == 0 for rc, _ in results), logs
     return results
 
 
@@ -112,8 +111,8 @@ def test_killed_worker_restarts_and_resumes_by_itself(tmp_path, two_nodes, singl
     """Node 1's worker SIGKILLs itself at the start of step 4 (after the step-2 checkpoint);
     torchrun restarts the workers of both nodes, which resume from checkpoints/last.ckpt."""
     run_dir = tmp_path / "run"
-    (_, out0, err0), (_, out1, err1) = _two_nodes(run_dir, data_arg, faults_on_node1="kill@3", max_restarts=1)
-    logs = out0 + err0 + out1 + err1
+    (_, log0), (_, log1) = _two_nodes(run_dir, data_arg, faults_on_node1="kill@3", max_restarts=1)
+    logs = log0 + log1
     assert "failed (exitcode: -9)" in logs, logs[-4000:]  # the kill happened
     assert logs.count(": resuming from ") >= 2, logs[-4000:]  # both workers resumed
     summary = json.loads((run_dir / "summary.json").read_text())
