@@ -30,8 +30,9 @@ bad row stops the run with its file and line (earlier checkpoints stay resumable
 
 **Resume.** Each batch carries its stream's position after its last row (epoch, shard, offset)
 and the stream's counts; :class:`StreamingLoader` keeps the latest per stream and is stateful to
-Lightning, so a checkpoint holds every stream's position and a resumed run continues each stream
-after exactly the rows already trained on (Lightning does not prefetch from a loader with a length).
+Lightning (its state gathered from every rank), so a checkpoint holds every stream's position
+and a resumed run continues each stream after exactly the rows already trained on (Lightning
+does not prefetch from a loader with a length).
 
 Not with streaming: ``reference=precomputed`` (a pass over the whole data before training),
 ``data.group_by_length``.
@@ -224,6 +225,16 @@ class StreamingPreferences(IterableDataset):
         return rows[0] if rows else None
 
 
+def all_streams(states: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The stream states of every rank (collective when distributed; the ranks of a
+    tensor-parallel group hold the same stream ids)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(states)
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, dict(states))
+    return {k: v for part in gathered for k, v in part.items()}
+
+
 class StreamingLoader(DataLoader):
     """Batches of :class:`StreamingPreferences`, with every stream's latest position as state.
 
@@ -250,8 +261,9 @@ class StreamingLoader(DataLoader):
             self.states[state["stream"]] = state
             yield batch
 
+    # Every rank's streams: Lightning calls this on every rank, rank 0 writes the checkpoint.
     def state_dict(self) -> dict[str, Any]:
-        return {"streams": self.dataset.streams, "states": dict(self.states)}
+        return {"streams": self.dataset.streams, "states": all_streams(self.states)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["streams"] != self.dataset.streams:
@@ -338,11 +350,7 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
 
     def report(self) -> dict[str, Any]:
         """The validation rows' counts and every stream's (all ranks; collective under DDP)."""
-        states = dict(self.loader.states) if self.loader is not None else {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, states)
-            states = {k: v for part in gathered for k, v in part.items()}  # TP ranks: same ids
+        states = all_streams(self.loader.states if self.loader is not None else {})
         shards = {s.label: DataReport(source=s.label, unit=s.unit) for s in self.shards}
         for state in states.values():
             for label, counts in state.get("counts", {}).items():
