@@ -6,6 +6,8 @@
     dpo-train trainer=ddp trainer.devices=4      # multi-GPU
     dpo-train logger=wandb                       # W&B (offline when no API key)
     dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT --max-restarts 3 \
+        -m dpo_lightning.train trainer=fsdp trainer.num_nodes=2 hydra.run.dir=/shared/run   # restarts resume
     dpo-train export.push_to_hub=true export.repo_id=me/tiny-dpo  # hf_model/ to the hub at the end
 
 :func:`train` reads top to bottom: preflight → seed → tokenizer → engine → data → callbacks/loggers
@@ -43,6 +45,7 @@ from dpo_lightning.reporting.throughput import RunTotals
 from dpo_lightning.run.callbacks import nonfinite_skipped, reliability_callbacks
 from dpo_lightning.run.errors import ConfigError, hydra_errors, report_errors
 from dpo_lightning.run.preflight import preflight
+from dpo_lightning.run.restarts import resume_if_restarted
 from dpo_lightning.run.resume import csv_histories
 from dpo_lightning.run.settings import build, build_trainer
 from dpo_lightning.run.sweeps import mark_launch, run_job
@@ -58,6 +61,7 @@ mark_launch()  # before Hydra starts: shared by all jobs of this invocation (W&B
 def train(cfg: DictConfig) -> float | None:
     """Run one training job from a composed config; returns ``cfg.optimized_metric``'s value."""
     start = time.perf_counter()
+    resume_if_restarted(cfg)  # a SLURM requeue / torchrun restart continues its run dir
     resume = preflight(cfg)  # settings, paths, model source, checkpoint: one line each
     L.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)

@@ -12,8 +12,13 @@ given optimizer step:
 - ``nan@N``: make the gradients of the batch after step N NaN (a diverged step);
 - ``nanval@N``: make the policy's output NaN in the final validation (``trainer.validate`` after
   fit) of a run that ended at step N (a model that breaks on held-out data).
+- ``wait@N``: at the start of the batch after step N, create ``<run dir>/fault_waiting`` and
+  wait until the test deletes it (at most :data:`WAIT_S` s): the test can signal a run that
+  is known to be mid-training.
 
-Timing-based kills are flaky; these land at the same point on every machine.
+Timing-based kills are flaky; these land at the same point on every machine. Faults fire on a
+job's first start only, not when a scheduler restarts it (``TORCHELASTIC_RESTART_COUNT`` /
+``SLURM_RESTART_COUNT`` > 0): the restarted job must get past the step that killed it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
+from pathlib import Path
 from typing import IO, Any
 
 import lightning as L
@@ -32,10 +39,14 @@ from dpo_lightning.run.checkpointing import AtomicCheckpointIO
 ENV = "DPO_LIGHTNING_FAULTS"
 #: The Hydra override that adds :class:`FaultInjector` to a run's callbacks.
 OVERRIDE = "+callbacks.faults._target_=tests.faults.FaultInjector"
+WAIT_S = 120
+RESTART_COUNTERS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
 
 
 def planned(kind: str) -> int | None:
-    """The step at which fault ``kind`` is planned, or None."""
+    """The step at which fault ``kind`` is planned, or None (always None in a restarted job)."""
+    if any(os.environ.get(var, "0") not in ("", "0") for var in RESTART_COUNTERS):
+        return None
     for item in os.environ.get(ENV, "").split(","):
         name, _, step = item.strip().partition("@")
         if name == kind and step:
@@ -71,6 +82,12 @@ class FaultInjector(L.Callback):
         step = trainer.global_step
         if planned("kill") == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if planned("wait") == step:
+            marker = Path(trainer.default_root_dir) / "fault_waiting"
+            marker.write_text(str(os.getpid()))
+            deadline = time.monotonic() + WAIT_S
+            while marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         if planned("oom") == step:
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 2.00 GiB (injected by DPO_LIGHTNING_FAULTS)"

@@ -248,7 +248,11 @@ def test_precomputed_works_with_k_wise_rankings(tokenizer, tmp_path):
             world_size=1,
             is_global_zero=True,
             precision="32-true",
-            strategy=SimpleNamespace(root_device=torch.device("cpu"), barrier=lambda name: None),
+            strategy=SimpleNamespace(
+                root_device=torch.device("cpu"),
+                barrier=lambda name: None,
+                restore_checkpoint_after_setup=False,
+            ),
             precision_plugin=L.pytorch.plugins.precision.Precision(),
         ),
         module.policy,

@@ -32,7 +32,7 @@ from dpo_lightning.data.collate import BatchLayout, PreferenceCollator
 from dpo_lightning.data.loading import DataFileError
 from dpo_lightning.data.report import DataReport
 from dpo_lightning.data.resumable import ResumableDataLoader
-from dpo_lightning.data.sampler import ResumableSampler
+from dpo_lightning.data.sampler import ResumableSampler, data_parallel_position
 from dpo_lightning.data.sources import dataset_part, split_parts
 from dpo_lightning.data.splits import (
     Tokenized,
@@ -41,8 +41,9 @@ from dpo_lightning.data.splits import (
     duplicates_line,
     split_fingerprint,
 )
+from dpo_lightning.data.tokenize import ACCOUNTING_COLUMNS, count_tokenized
 from dpo_lightning.data.unpaired import LabelledCollator, unpair_example
-from dpo_lightning.data.validate import Ledger, Part, SplitRows, raise_if_invalid, read_split
+from dpo_lightning.data.validate import Part, SplitRows, raise_if_invalid, read_split
 
 # Columns the collator reads (``row_id`` flows into the batch as ``pair_row_ids``), and the one
 # unpaired data adds (a bool per completion).
@@ -269,7 +270,7 @@ class PreferenceDataModule(L.LightningDataModule):
             num_proc=self.num_proc if self.num_proc and len(rows) > 1000 else None,
             desc="tokenize",
         )
-        keep = account(tokenized, split.ledger)
+        keep = count_tokenized(tokenized.select_columns(ACCOUNTING_COLUMNS).to_dict(), split.ledger.locate)
         return tokenized.select(keep) if len(keep) < len(tokenized) else tokenized
 
     @property
@@ -291,13 +292,13 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Seeded per epoch, sharded like DistributedSampler, optionally length-grouped, and
         # stateful, so a run resumed mid-epoch sees exactly the remaining batches.
-        trainer = self.trainer
+        rank, replicas = data_parallel_position(self.trainer)  # TP ranks share a batch
         sampler = ResumableSampler(
             self.train_set,
             self.batch_size,
             seed=self.seed,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
+            num_replicas=replicas,
+            rank=rank,
             lengths=self.train_set["length"] if self.group_by_length else None,
             mega_batch_mult=self.group_mega_batch_mult,
         )
@@ -345,28 +346,3 @@ def sample_rows(parts: list[Part], n: int) -> list[dict[str, Any]]:
             if rec.row is not None:
                 out.append(rec.row)
     return out
-
-
-def account(tokenized: datasets.Dataset, ledger: Ledger) -> list[int]:
-    """Count the drops, truncations and notes of tokenisation in each row's own report; returns
-    the indices of the rows kept."""
-    cols = tokenized.select_columns(
-        ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
-    ).to_dict()
-    keep = []
-    reports: dict[int, DataReport] = {}
-    for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=True)):
-        report, location = ledger.locate(row_id)
-        reports[id(report)] = report
-        if reason:
-            report.drop(reason, location)
-            continue
-        keep.append(i)
-        report.rows_kept += 1
-        report.truncate("prompt", int(cols["truncated_prompt"][i]))
-        report.truncate("completion", int(cols["truncated_completion"][i]))
-        for note in cols["notes"][i] or ():
-            report.note(note)
-    for report in reports.values():
-        report.truncated = +report.truncated  # drop zero counts
-    return keep

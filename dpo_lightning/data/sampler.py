@@ -17,8 +17,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence, Sized
+from typing import Any
 
 from torch.utils.data import DistributedSampler
+
+
+def data_parallel_position(trainer: Any) -> tuple[int, int]:
+    """``(rank, replicas)`` among the ranks that see different batches: Lightning's sampler
+    settings (the data-parallel mesh dimension under tensor parallelism, where the ranks of one
+    TP group must read the same batch), else one process."""
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 0, 1
+    return int(kwargs["rank"]), int(kwargs["num_replicas"])
 
 
 def length_grouped_order(

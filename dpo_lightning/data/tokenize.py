@@ -217,3 +217,31 @@ def tokenize_text_batch(
         for key, value in example_record(batch["row_id"][i], pairs, ex).items():
             out.setdefault(key, []).append(value)
     return out
+
+
+#: Columns of a tokenised batch that say what happened to each row (read by :func:`count_tokenized`).
+ACCOUNTING_COLUMNS = ["row_id", "drop_reason", "truncated_prompt", "truncated_completion", "notes"]
+
+
+def count_tokenized(cols: dict[str, list], locate: Callable[[int], tuple[Any, int]]) -> list[int]:
+    """Record each tokenised row's fate in its own report: dropped (with its location), truncated,
+    notes, kept; returns the indices of the rows kept. ``locate(row_id) -> (DataReport, 1-based
+    location)`` (the in-memory path: its file's ledger; streaming: the stream's report). The one
+    accounting rule for both paths."""
+    keep = []
+    reports: dict[int, Any] = {}
+    for i, (row_id, reason) in enumerate(zip(cols["row_id"], cols["drop_reason"], strict=True)):
+        report, location = locate(row_id)
+        reports[id(report)] = report
+        if reason:
+            report.drop(reason, location)
+            continue
+        keep.append(i)
+        report.rows_kept += 1
+        report.truncate("prompt", int(cols["truncated_prompt"][i]))
+        report.truncate("completion", int(cols["truncated_completion"][i]))
+        for note in cols["notes"][i] or ():
+            report.note(note)
+    for report in reports.values():
+        report.truncated = +report.truncated  # drop zero counts
+    return keep

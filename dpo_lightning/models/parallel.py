@@ -17,11 +17,16 @@ Checkpoints are sharded (one file per rank, ``torch.distributed.checkpoint``) an
 reference too; the ``hf_model/`` export is re-assembled from the shards by
 :func:`full_state_dict` (which also gathers DeepSpeed ZeRO-3 partitions).
 
-The mesh is read by dimension name, so a 2-D mesh extends it without touching the stages:
-:func:`parallelize` is where a tensor-parallel plan over ``mesh["tensor_parallel"]`` goes before
-``fully_shard`` over ``mesh["data_parallel"]``, and :func:`data_parallel_group` is the group over
-which batches differ (losses are normalised over it, see ``PolicyModule.reduce_loss``): ranks of
-one tensor-parallel group hold the same batch and must not be counted twice.
+The mesh is read by dimension name, so the 2-D mesh of ``trainer=tp_fsdp`` runs the same
+stages: :func:`parallelize` applies the model's tensor-parallel plan over
+``mesh["tensor_parallel"]`` (:mod:`dpo_lightning.models.tensor_parallel`) before ``fully_shard``
+over ``mesh["data_parallel"]``, and :func:`data_parallel_group` is the group over which batches
+differ (losses are normalised over it, see ``PolicyModule.reduce_loss``; the data sampler and
+the run totals use it too): ranks of one tensor-parallel group hold the same batch and must not
+be counted twice.
+
+    dpo-train trainer=tp_fsdp trainer.devices=8 trainer.strategy.tensor_parallel_size=2   # 4 × 2
+    dpo-train trainer=tp_fsdp_cpu                            # 2 CPU processes, TP=2 (gloo), CI
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from dpo_lightning.models.loading import DTYPES
+from dpo_lightning.models.tensor_parallel import apply_tensor_parallel
+from dpo_lightning.run.errors import UserError
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -51,8 +58,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         **kwargs: :class:`ModelParallelStrategy` arguments (``save_distributed_checkpoint``,
             ``process_group_backend``, ``timeout``, ``data_parallel_size``, ...).
 
-    ``data_parallel_size`` defaults to the world size and ``tensor_parallel_size`` to 1 (the
-    parent class defaults to tensor parallelism within a node, which HF models do not declare).
+    ``tensor_parallel_size`` defaults to 1 (pure FSDP2; the parent class defaults to tensor
+    parallelism within a node) and ``data_parallel_size`` to the world size over it.
     """
 
     def __init__(
@@ -76,8 +83,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.activation_checkpointing = activation_checkpointing
 
     def setup_environment(self) -> None:
+        world = self.num_nodes * self.num_processes
+        tp = self._tensor_parallel_size
+        if isinstance(tp, int) and (tp < 1 or world % tp):
+            raise UserError(
+                f"trainer.strategy.tensor_parallel_size={tp} does not divide the {world} processes "
+                "(trainer.devices × trainer.num_nodes)"
+            )
         if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_nodes * self.num_processes
+            self._data_parallel_size = world // tp if isinstance(tp, int) else self.num_nodes
         super().setup_environment()
 
 
@@ -125,12 +139,11 @@ def shard_settings(strategy: Any) -> dict[str, Any]:
 
 
 def parallelize(model: nn.Module, mesh: Any, settings: dict[str, Any], offload: bool = False) -> None:
-    """Apply the strategy's parallelism to one model, by mesh dimension.
-
-    Today: FSDP2 over ``mesh["data_parallel"]`` (shards kept in CPU memory with ``offload``). A
-    tensor-parallel plan (``parallelize_module`` over ``mesh["tensor_parallel"]``) must run before
-    this shard, on the same model, which is why the whole mesh is passed here.
-    """
+    """Apply the strategy's parallelism to one model, by mesh dimension: the model's
+    tensor-parallel plan over ``mesh["tensor_parallel"]`` when it has more than one rank, then
+    FSDP2 over ``mesh["data_parallel"]`` (shards kept in CPU memory with ``offload``)."""
+    if mesh["tensor_parallel"].size() > 1:
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
     shard_model(model, mesh["data_parallel"], settings, offload=offload)
 
 

@@ -11,6 +11,8 @@ receives as arguments:
   tokenizer): a strategy with its own checkpoint checks that it shares it;
 * :meth:`ReferenceStrategy.build` (stage construction): builds what it holds from the policy;
 * :meth:`ReferenceStrategy.prepare` (``setup``): the trainer, its data and ranks exist;
+* :meth:`ReferenceStrategy.precompute` (``on_fit_start`` / ``on_validation_start``): the models
+  are sharded and on their devices;
 * :meth:`ReferenceStrategy.completion_logps` (every step): reference statistics of a batch;
 * :meth:`ReferenceStrategy.callbacks`: Lightning callbacks it needs.
 
@@ -74,6 +76,11 @@ class ReferenceStrategy(nn.Module):
 
     def prepare(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
         """Called from the stage's ``setup``: the trainer, its datamodule and ranks exist."""
+
+    def precompute(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
+        """Called once the models are sharded and on their devices, before the first step (and
+        before a sharded strategy loads checkpoint weights): work that needs the policy where it
+        trains (a pass over the data)."""
 
     def callbacks(self) -> list[L.Callback]:
         """Lightning callbacks this strategy needs (added by the stage's ``configure_callbacks``)."""

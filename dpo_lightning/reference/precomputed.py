@@ -14,8 +14,20 @@ the DataModule's length limits, precision): a second run — or another job of a
 same five loads it and calls the model zero times. Under DDP every rank computes a disjoint shard of
 the batches once, rank 0 merges the shards into the cache file, and all ranks load it.
 
-Supports / assumptions: every engine (the pass runs the stage's own engine on its own batches);
-the pass runs before the first step with the policy as given (unsharded under FSDP2).
+When the pass runs: the key (and a cache hit) is settled in the stage's ``setup``, from the
+initial weights, before any sharding. A miss is computed
+
+- in ``setup`` too, on the unsharded policy, when the strategy loads checkpoint weights before
+  the models reach their devices (single device, DDP: a resumed run's weights arrive right after);
+- otherwise after sharding (:meth:`PrecomputedReference.precompute`, the stage's
+  ``on_fit_start``): under FSDP2 / TP+FSDP2 (and DeepSpeed) the pass runs the **sharded** policy on
+  the accelerator, so a model that only fits sharded can precompute, and those strategies load
+  checkpoint weights only after ``on_fit_start``, so the pass still sees the initial policy.
+  Batches are split over the data-parallel ranks (the ranks of a tensor-parallel group forward the
+  same batch) and every rank makes the same number of forward calls (each gathers weights
+  collectively), repeating a batch where it has none left.
+
+Supports / assumptions: every engine (the pass runs the stage's own engine on its own batches).
 """
 
 from __future__ import annotations
@@ -33,7 +45,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpo_lightning.data.cache import tokenizer_fingerprint
+from dpo_lightning.data.sampler import data_parallel_position
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
+from dpo_lightning.models.parallel import is_sharded
 from dpo_lightning.reference.base import ReferenceStrategy
 from dpo_lightning.run.files import atomic_torch_save
 
@@ -90,30 +104,45 @@ class PrecomputedReference(ReferenceStrategy):
         self.table: dict[int, tuple[float, float]] | None = None  # key -> (summed logp, length)
         self.cache_path: Path | None = None
         self.forward_calls = 0  # model calls made by the pass (0 on a cache hit)
+        self.pass_placement = ""  # what the pass ran: the sharded or the unsharded policy
 
     def prepare(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
-        if self.table is not None:
+        """``setup``: the cache key from the initial weights; the table on a hit, or computed now
+        when checkpoint weights would arrive before :meth:`precompute` (see the module docstring)."""
+        if self.table is not None or self.cache_path is not None:
             return
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("reference=precomputed needs trainer.fit(..., datamodule=...)")
+        self.cache_path = self.cache_dir / f"{self.cache_key(policy, trainer, datamodule)}.pt"
+        if self.cache_path.exists():
+            self._load(hit=True)
+        elif not trainer.strategy.restore_checkpoint_after_setup:
+            self._compute(trainer, policy, engine)
+
+    def precompute(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
+        """After sharding, before checkpoint weights load: the pass, if ``setup`` left it."""
+        if self.table is None:
+            self._compute(trainer, policy, engine)
+
+    def _compute(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
         # Iterating the (shuffled) loaders draws from the global RNG: fork it, so training sees
         # the same batches in the same order as with reference=copy.
         device = trainer.strategy.root_device
+        key = self.cache_path.stem
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            key = self.cache_key(policy, trainer, datamodule)
-            self.cache_path = self.cache_dir / f"{key}.pt"
-            hit = self.cache_path.exists()
-            if not hit:
-                self._compute_shard(policy, trainer, datamodule, engine, key)
-                trainer.strategy.barrier("reference_logps_shards")
-                if trainer.is_global_zero:
-                    self._merge_shards(key, trainer.world_size)
-                trainer.strategy.barrier("reference_logps_merged")
+            replicas = self._compute_shard(policy, trainer, trainer.datamodule, engine, key)
+            trainer.strategy.barrier("reference_logps_shards")
+            if trainer.is_global_zero:
+                self._merge_shards(key, replicas)
+            trainer.strategy.barrier("reference_logps_merged")
+        self._load(hit=False)
+
+    def _load(self, hit: bool) -> None:
         saved = torch.load(self.cache_path, map_location="cpu", weights_only=True)
         values = zip(saved["logps"].tolist(), saved["lengths"].tolist(), strict=True)
         self.table = dict(zip(saved["keys"].tolist(), values, strict=True))
-        verb = "loaded" if hit else "computed"
+        verb = "loaded" if hit else f"computed ({self.pass_placement})"
         rank_zero_info(
             f"[dpo_lightning] reference log-probs {verb}: {len(self.table)} rows, {self.cache_path}"
         )
@@ -134,32 +163,46 @@ class PrecomputedReference(ReferenceStrategy):
     @torch.no_grad()
     def _compute_shard(
         self, policy: nn.Module, trainer: L.Trainer, datamodule: Any, engine: ForwardEngine, key: str
-    ) -> None:
-        rank, world = trainer.global_rank, trainer.world_size
+    ) -> int:
+        """This data-parallel rank's share of the batches, saved as a shard; returns the number
+        of shards (data-parallel ranks)."""
+        rank, replicas = data_parallel_position(trainer)
+        sharded = is_sharded(policy)
+        self.pass_placement = "sharded policy" if sharded else "unsharded policy"
         was_training = policy.training
         device = trainer.strategy.root_device
-        policy.to(device).eval()
+        if not sharded:
+            policy.to(device)
+        policy.eval()
         # Unsharded loaders (the ranks split batches below); any other DataModule: its own.
         full = getattr(datamodule, "full_dataloaders", None)
         loaders = full() if full else [datamodule.train_dataloader(), datamodule.val_dataloader()]
         total = sum(len(loader) for loader in loaders)
+        rounds = -(-total // replicas)  # forwards per rank: equal on every rank (collectives)
         keys: list[int] = []
         logps: list[Tensor] = []
         lengths: list[Tensor] = []
-        bar = tqdm(total=total, desc="reference log-probs", disable=rank != 0)
-        index = 0
-        for loader in loaders:
-            for batch in loader:
-                if index % world == rank:  # each rank computes a disjoint shard of the batches
-                    keys += batch["completion_keys"]
-                    with trainer.precision_plugin.forward_context():
-                        # The stage's engine on the collator's batch: padded or packed alike.
-                        stats = engine(policy, move_data_to_device(batch, device))
-                    self.forward_calls += 1
-                    logps.append(stats.logps.float().cpu())
-                    lengths.append(stats.lengths.float().cpu())
-                index += 1
-                bar.update(1)
+        bar = tqdm(total=rounds, desc="reference log-probs", disable=not trainer.is_global_zero)
+
+        def forward(batch: dict[str, Any]) -> CompletionStats:
+            with trainer.precision_plugin.forward_context():
+                # The stage's engine on the collator's batch: padded or packed alike.
+                stats = engine(policy, move_data_to_device(batch, device))
+            bar.update(1)
+            return stats
+
+        done, last = 0, None
+        for index, batch in enumerate(b for loader in loaders for b in loader):
+            if index % replicas == rank:  # each data-parallel rank a disjoint share of the batches
+                stats = forward(batch)
+                self.forward_calls += 1
+                keys += batch["completion_keys"]
+                logps.append(stats.logps.float().cpu())
+                lengths.append(stats.lengths.float().cpu())
+                done, last = done + 1, batch
+        while done < rounds:  # a rank with one batch fewer repeats one (result unused)
+            forward(last if last is not None else next(iter(loaders[0])))
+            done += 1
         bar.close()
         policy.train(was_training)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +211,9 @@ class PrecomputedReference(ReferenceStrategy):
             "logps": torch.cat(logps) if logps else torch.zeros(0),
             "lengths": torch.cat(lengths) if lengths else torch.zeros(0),
         }
-        atomic_torch_save(shard, self._shard_path(key, rank, world))
+        # The ranks of one tensor-parallel group write the same shard (atomic: either copy wins).
+        atomic_torch_save(shard, self._shard_path(key, rank, replicas))
+        return replicas
 
     def _shard_path(self, key: str, rank: int, world: int) -> Path:
         return self.cache_dir / f"{key}.shard{rank}-of-{world}.pt"

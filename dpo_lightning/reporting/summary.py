@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from dpo_lightning.models.parallel import sum_over_data_parallel
 from dpo_lightning.run.files import atomic_write_text
 
 # Shown in the printed table, in this order (all are in summary.json anyway).
@@ -29,9 +30,11 @@ def scalar_metrics(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 
 
 def sum_over_ranks(trainer: L.Trainer, *counts: int) -> list[int]:
-    """Per-rank counts summed over all ranks (collective; identity on one process)."""
-    total = trainer.strategy.reduce(torch.tensor(counts, dtype=torch.float64), reduce_op="sum")
-    return [round(v) for v in total.tolist()]
+    """Per-rank counts summed over the data-parallel ranks (collective; identity on one process):
+    the ranks of a tensor-parallel group train on the same batch, counted once."""
+    values = torch.tensor(counts, dtype=torch.float64, device=trainer.strategy.root_device)
+    total, _ = sum_over_data_parallel(values, trainer.strategy)
+    return [round(v) for v in total.cpu().tolist()]
 
 
 def run_summary(

@@ -1,7 +1,9 @@
-"""The callbacks every run gets: atomic checkpoints, resume state, the non-finite guards."""
+"""The callbacks every run gets: atomic checkpoints, resume state, the non-finite guards, the
+pre-emption handler."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,6 +12,7 @@ from omegaconf import DictConfig
 
 from dpo_lightning.run.checkpointing import AtomicCheckpointIO, ResumeState
 from dpo_lightning.run.guards import FiniteValidation, NonFiniteGuard
+from dpo_lightning.run.preemption import Preemption
 from dpo_lightning.run.resume import run_config
 
 
@@ -24,13 +27,16 @@ class AtomicCheckpoints(L.Callback):
 
 def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """Callbacks every run gets: atomic checkpoints, resume state (refusing changed data unless
-    ``resume_on_changed_data``), the non-finite guards (training steps, final validation)."""
+    ``resume_on_changed_data``), the non-finite guards (training steps, final validation), and the
+    pre-emption handler (``preemption.*``; it writes ``<run dir>/checkpoints/last.ckpt``)."""
     train_cfg = cfg.get("train") or {}
+    preemption = dict(cfg.get("preemption") or {})
     return [
         AtomicCheckpoints(),
         ResumeState(run_config(cfg), allow_changed_data=bool(cfg.get("resume_on_changed_data"))),
         NonFiniteGuard(train_cfg.get("on_nonfinite", "stop")),
         FiniteValidation(),
+        Preemption(Path(cfg.paths.output_dir) / "checkpoints", **preemption),
     ]
 
 

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from dpo_lightning.models.tensor_parallel import total_grad_norm
 from dpo_lightning.run.errors import UserError
 
 POLICIES = ("skip", "stop")
@@ -45,7 +46,7 @@ def first_nonfinite(loss: Tensor | None, params: list[torch.nn.Parameter]) -> st
     if loss is not None and not torch.isfinite(loss.detach()).all():
         return f"loss ({loss.detach().float().mean().item()})"
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+    if not grads or torch.isfinite(total_grad_norm(grads)):
         return None
     for i, p in enumerate(params):
         if p.grad is not None and not torch.isfinite(p.grad).all():

@@ -49,12 +49,23 @@ def finish_wandb(exit_code: int = 0) -> None:
         wandb.finish(exit_code=exit_code)
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if any: one left to the interpreter's exit can abort
+    the process in torch's C++ teardown ("terminate called without an active exception", seen on
+    a torchrun worker with gloo), which torchrun counts as a failed worker."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_job(train: Callable[[DictConfig], float | None], cfg: DictConfig) -> float | None:
     """``train(cfg)``; in a multirun a failure is logged and returns NaN instead of raising.
     The job's run directory is unlocked at its end (the next job of a sweep may run in this
     process)."""
     try:
         value = train(cfg)
+        close_process_group()
     except Exception:
         finish_wandb(exit_code=1)
         if not is_multirun():

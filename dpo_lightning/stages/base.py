@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dpo_lightning.engine import ForwardEngine, PaddedEngine
 from dpo_lightning.models.parallel import apply_parallelism, grads_on_parameters, sum_over_data_parallel
+from dpo_lightning.models.tensor_parallel import clip_grad_norm, spans_meshes, total_grad_norm
 
 
 def model_flops_per_token(params: int, training: bool) -> float:
@@ -174,7 +175,21 @@ class PolicyModule(L.LightningModule):
         # Before clipping: the norm the optimizer would have seen unclipped.
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads), on_step=True)
+            self.log("train/grad_norm", total_grad_norm(grads), on_step=True)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # TP + FSDP2 spreads the policy over two device meshes, where torch's clip_grad_norm_
+        # fails (see models/tensor_parallel.py); everywhere else Lightning clips as usual.
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and spans_meshes(params):
+            clip_grad_norm(params, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _finish_window(self) -> None:
         """Rescale the accumulated gradients from the first micro-batch's count to the step's

@@ -111,6 +111,13 @@ class DPOModule(PolicyModule):
         if message:
             rank_zero_warn(message)
 
+    # After configure_model: a pass over the data runs the sharded policy (reference=precomputed).
+    def on_fit_start(self) -> None:
+        self.reference.precompute(self.trainer, self.policy, self.engine)
+
+    def on_validation_start(self) -> None:
+        self.reference.precompute(self.trainer, self.policy, self.engine)  # trainer.validate alone
+
     def configure_callbacks(self) -> list[L.Callback]:
         return self.reference.callbacks()
 
