@@ -106,6 +106,7 @@ HARDWARE = {
     "trainer=gpu": ("a CUDA GPU", "trainer=cpu"),
     "trainer=ddp": ("CUDA GPUs (DDP)", "trainer=ddp_cpu"),
     "trainer=fsdp": ("CUDA GPUs (FSDP2, bf16)", "trainer=fsdp_cpu"),
+    "trainer=tp_fsdp": ("CUDA GPUs (tensor parallel + FSDP2)", "trainer=tp_fsdp_cpu"),
     "trainer=deepspeed_zero2": ("CUDA GPUs and deepspeed", None),
     "trainer=deepspeed_zero3": ("CUDA GPUs and deepspeed", None),
     "engine=fast_gpu": ("a CUDA GPU (FlexAttention + torch.compile)", "engine=packed"),

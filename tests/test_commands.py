@@ -68,9 +68,16 @@ def _kind(cmd: Command) -> str:
     return _run_kind(cmd.argv)
 
 
+MULTIPROCESS_TRAINERS = {"trainer=ddp_cpu", "trainer=fsdp_cpu", "trainer=tp_fsdp_cpu"}
+
+
 def _run_kind(argv: list[str]) -> str:
     multi = {"-m", "--multirun"} & set(argv) or any(a.startswith("hparams_search=") for a in argv)
-    processes = any(a in ("trainer=ddp_cpu", "trainer=fsdp_cpu") for a in argv)
+    # Lightning re-executes the command line for every extra rank: inside pytest that would re-run
+    # the whole session, so a multi-process run goes through a subprocess of the CLI.
+    processes = any(a in MULTIPROCESS_TRAINERS for a in argv) or any(
+        a.startswith("trainer.devices=") and a.split("=", 1)[1] not in ("1", "auto") for a in argv
+    )
     if argv[0] == "dpo-train" and not multi and not processes:
         return "inprocess"
     return "subprocess"
