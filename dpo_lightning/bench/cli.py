@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--attn",
         default="auto",
-        help="auto (flex_attention on GPU, packed_sdpa on CPU) | packed_sdpa | sdpa | eager",
+        help="auto (flex_attention on GPU, per_document on CPU) | per_document | sdpa | eager",
     )
     p.add_argument("--compile", action=bool_opt, default=False, help="torch.compile decoder layers")
     p.add_argument("--group-by-length", action=bool_opt, default=False, help="length-grouped batches")

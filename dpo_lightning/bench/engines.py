@@ -28,7 +28,7 @@ def run_dpo_lightning(
 
     vocab = SHAPES[args.shape]["config"]["vocab_size"]
     rows = text_rows(examples, vocab)
-    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else "packed_sdpa")
+    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else "per_document")
     engine = (
         PackedEngine(
             prefix_sharing=args.prefix_sharing,

@@ -39,6 +39,28 @@ SHAPES = {
         prompt=(64, 384),
         completion=(32, 384),
     ),
+    # SmolLM2-135M's config (HuggingFaceTB/SmolLM2-135M, config.json), random init. The lengths
+    # are the 1B workload's scaled down so that three alternating repeats of both engines fit in
+    # 15 minutes on 2 CPU cores (fp32): the matmuls and the 49k-vocab head still dominate.
+    "smollm2-135m": dict(
+        config=dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+        ),
+        prompt=(16, 96),
+        completion=(16, 96),
+        pairs=4,
+        steps=3,
+        warmup=1,
+    ),
 }
 
 

@@ -20,6 +20,8 @@ class PaddedEngine(ForwardEngine):
     ``rows`` selects completions before the forward (the others cost nothing).
     """
 
-    def forward(self, model: nn.Module, batch: EngineBatch, rows: Tensor | None) -> CompletionStats:
+    def forward(
+        self, model: nn.Module, batch: EngineBatch, rows: Tensor | None, token_metrics: bool
+    ) -> CompletionStats:
         ids, mask, labels = (batch.data[k] if rows is None else batch.data[k][rows] for k in ROW_KEYS)
-        return concatenated_forward(model, ids, mask, labels)
+        return concatenated_forward(model, ids, mask, labels, token_metrics)

@@ -7,11 +7,10 @@ DPO's reference. Memory holds the base model once plus the small adapter, and no
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
-from dpo_lightning.reference.base import ReferenceStrategy
+from dpo_lightning.reference.base import ReferenceStrategy, frozen_forward
 
 
 class AdapterReference(ReferenceStrategy):
@@ -27,7 +26,6 @@ class AdapterReference(ReferenceStrategy):
     def forward_params(self, policy: nn.Module) -> int:
         return sum(p.numel() for p in policy.parameters())  # the policy, adapter off
 
-    @torch.no_grad()
     def completion_logps(
         self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
     ) -> CompletionStats:
@@ -35,6 +33,6 @@ class AdapterReference(ReferenceStrategy):
         policy.eval()  # the reference never sees dropout, the adapter's included
         try:
             with policy.disable_adapter():
-                return engine(policy, batch)
+                return frozen_forward(engine, policy, batch)
         finally:
             policy.train(was_training)

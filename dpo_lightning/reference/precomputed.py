@@ -100,6 +100,9 @@ class PrecomputedReference(ReferenceStrategy):
         self.cache_path: Path | None = None
         self.forward_calls = 0  # model calls made by the pass (0 on a cache hit)
 
+    def padded_rows_reason(self) -> str:
+        return "reference=precomputed keys its cache by padded completion rows"
+
     def prepare(self, trainer: L.Trainer, policy: nn.Module, engine: ForwardEngine) -> None:
         if self.table is not None:
             return
@@ -143,7 +146,7 @@ class PrecomputedReference(ReferenceStrategy):
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _compute_shard(self, policy: nn.Module, trainer: L.Trainer, datamodule: Any, key: str) -> None:
         rank, world = trainer.global_rank, trainer.world_size
         was_training = policy.training

@@ -3,14 +3,15 @@ forward engine, and one logging rule."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from dpo_lightning.engine import ForwardEngine, PaddedEngine
+from dpo_lightning.engine import BatchReader, ForwardEngine, PaddedEngine
 
 
 def model_flops_per_token(params: int, training: bool) -> float:
@@ -28,7 +29,10 @@ class PolicyModule(L.LightningModule):
             trainable parameters only (never a frozen reference).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         engine: batch layout + forward (``conf/engine``; the same object built the DataModule's
-            collator); default: padded rows.
+            collator); default: padded rows. Resolved here, once, for this policy and the
+            batch ``readers`` (``engine=auto`` picks packed or padded and the choice is logged).
+        readers: other components reading the batches (a reference strategy), asked with this
+            stage whether they need padded rows (:class:`~dpo_lightning.engine.BatchReader`).
 
     Subclasses implement ``_shared_step(batch, stage) -> loss`` (stage ``train`` or ``val``).
     """
@@ -39,15 +43,23 @@ class PolicyModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         engine: ForwardEngine | None = None,
+        readers: Sequence[BatchReader] = (),
     ) -> None:
         super().__init__()
         self.policy = policy
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.engine = engine or PaddedEngine()
+        self.engine, note = (engine or PaddedEngine()).resolve(policy, [self, *readers])
+        if note:
+            rank_zero_info(note)
         #: Model FLOPs of the batch being processed: Lightning's ``ThroughputMonitor`` reads it
         #: (for ``mfu``) after every batch.
         self.flops_per_batch: float | None = None
+
+    def padded_rows_reason(self) -> str | None:
+        """Why this stage needs one padded row per completion (:class:`BatchReader`); None: it
+        reads only the engine's per-completion statistics."""
+        return None
 
     def forward_only_params(self) -> int:
         """Parameters read by the step's forward-only passes (a reference), per token."""

@@ -21,7 +21,7 @@ from dpo_lightning.losses import PreferenceLoss
 from dpo_lightning.models.parallel import apply_parallelism, is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
 from dpo_lightning.stages.base import PolicyModule
-from dpo_lightning.stages.metrics import preference_metrics
+from dpo_lightning.stages.metrics import preference_metrics, token_metrics
 
 #: State-dict prefix of the reference strategy (its model, when it owns one).
 REFERENCE_PREFIX = "reference."
@@ -52,9 +52,12 @@ class DPOModule(PolicyModule):
         reference: ReferenceStrategy | None = None,
         engine: ForwardEngine | None = None,
     ) -> None:
-        super().__init__(policy, optimizer, scheduler, engine)
+        reference = (reference or CopyReference()).for_loss(loss)
+        # The engine is resolved for the policy before the reference copies it (the copy then
+        # carries the attention the engine switched the policy to).
+        super().__init__(policy, optimizer, scheduler, engine, readers=[reference])
         self.loss_fn = loss
-        self.reference = (reference or CopyReference()).for_loss(loss)
+        self.reference = reference
         self.reference.build(policy)
 
     @property
@@ -78,12 +81,12 @@ class DPOModule(PolicyModule):
         frozen = [] if self.reference.model is None else [self.reference.model]
         apply_parallelism(strategy, self.policy, frozen)
 
-    def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
-        return self.engine(self.policy, batch)
+    def forward(self, batch: EngineBatch | dict[str, Any], token_metrics: bool = False) -> CompletionStats:
+        return self.engine(self.policy, batch, token_metrics=token_metrics)
 
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         shared = EngineBatch(batch)  # what policy and reference derive once (the packed mask)
-        policy = self(shared)
+        policy = self(shared, token_metrics=True)  # entropy / token accuracy from the same logits
         reference = (
             None
             if self.loss_fn.is_reference_free
@@ -109,6 +112,7 @@ class DPOModule(PolicyModule):
             policy.mean_logits[ci],
             policy.mean_logits[ri],
         )
+        metrics |= token_metrics(policy, ci)
         pairs = int(batch["num_pairs"])
         self.log_stage(metrics, stage, pairs)
         self.log_stage({"acc": metrics["rewards/accuracies"]}, stage, pairs, prog_bar=True, logger=False)
