@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dpo_lightning.data.collate import PreferenceCollator
+from dpo_lightning.engine.base import as_engine_batch
 from dpo_lightning.engine.packing import PACKED_ATTENTION
 
 if TYPE_CHECKING:
@@ -93,8 +94,12 @@ def probe_mismatch(engine: PackedEngine, model: nn.Module) -> str | None:
     was_training, original = model.training, model.config._attn_implementation
     model.eval()
     try:
-        want = PaddedEngine()(model, to(PreferenceCollator(0)(examples))).logps
-        got = engine(model, to(engine.collator(0)(examples))).logps
+        # ``forward``, not ``__call__``: the probe must not compile the layers (``engine.compile``)
+        # before the reference copies the policy.
+        padded = PreferenceCollator(0)(examples)
+        want = PaddedEngine().forward(model, as_engine_batch(to(padded)), None, False).logps
+        packed = engine.collator(0)(examples)
+        got = engine.forward(model, as_engine_batch(to(packed)), None, False).logps
     finally:
         model.train(was_training)
     low = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
