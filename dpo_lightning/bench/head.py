@@ -13,8 +13,8 @@ each completion its own weight), for each kernel:
 * ``full``: the full (M, V) logits and ``log_softmax`` (what the padded engine does).
 
 Each kernel runs in its own subprocess (clean peak memory), kernels alternate over ``--repeat``
-rounds; every line is the median time of ``--iters`` calls and the peak memory above the inputs
-(RSS on CPU, allocated on CUDA).
+rounds; every line is the median wall and process CPU time of ``--iters`` calls and the peak
+memory above the inputs (RSS on CPU, allocated on CUDA).
 """
 
 from __future__ import annotations
@@ -85,11 +85,12 @@ def measure(kernel: str, tokens: int, shape: str, chunk: int, iters: int) -> dic
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()  # warm-up (and the first peak)
-    times = []
+    times, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = (
         torch.cuda.max_memory_allocated()
         if device == "cuda"
@@ -101,6 +102,7 @@ def measure(kernel: str, tokens: int, shape: str, chunk: int, iters: int) -> dic
         "shape": f"{shape} (V={vocab}, H={hidden}, {str(dtype).removeprefix('torch.')})",
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
         "sec": round(statistics.median(times), 4),
+        "cpu_sec": round(statistics.median(cpu), 4),
         "peak_extra_mib": round((peak - base) / 2**20),
     }
 
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             "summary": kernel,
             "tokens": tokens,
             "sec_median": statistics.median(r["sec"] for r in runs),
+            "cpu_sec_median": statistics.median(r["cpu_sec"] for r in runs),
             "peak_extra_mib_max": max(r["peak_extra_mib"] for r in runs),
         }
         print(json.dumps(summary), flush=True)
