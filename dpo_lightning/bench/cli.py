@@ -5,7 +5,8 @@
     python -m dpo_lightning.bench --model ./my_model --shape smollm2-135m # a local HF model
     python -m dpo_lightning.bench --shape llama-1b --steps 30 --warmup 8  # one GPU (bf16)
     python -m dpo_lightning.bench --shape tiny --no-prefix-sharing --chunk-size 0  # what each buys
-    python -m dpo_lightning.bench --shape smollm2-135m --engines dpo_lightning --reference precomputed
+    python -m dpo_lightning.bench --shape smollm2-135m --engines dpo_lightning --no-packing \
+        --reference precomputed
 
 The workload is ``shared/bench/trl_anchor.py``'s: random token ids, the shape's prompt and
 completion length distributions (1B: prompts 64–384, completions 32–384; SmolLM2: a quarter of
