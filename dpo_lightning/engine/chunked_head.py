@@ -17,8 +17,9 @@ target is the (first) argmax, and the mean of ``y`` over the vocabulary — no s
 
 Why our own kernel rather than ``torch.nn.functional.linear_cross_entropy`` (torch 2.13): it
 returns only ``−log p``, so entropy and accuracy would need a second head pass; it has no logit
-transform (soft-capping, scales); and on the SmolLM2 shape it was slower on CPU
-(``python -m dpo_lightning.bench.head``, figures in ``benchmarks/RESULTS.md``).
+transform (soft-capping, scales); it does not exist before torch 2.13; and on the SmolLM2 shape
+it was no faster on CPU, at the same peak memory (``python -m dpo_lightning.bench.head``,
+figures in ``benchmarks/RESULTS.md``; ``benchmarks/gpu_check.sh`` compares them on GPU).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LogitTransform:
         return z
 
     def derivative_(self, y: Tensor) -> Tensor:
-        """``∂y/∂z`` from ``y``, in place over ``y``: ``s·(1 − (y/c)²)``."""
+        """``∂y/∂z`` from ``y``, in place over ``y``: ``s·(1 − (y/c)²)`` (soft-capped only)."""
         y.div_(self.softcap).square_().neg_().add_(1.0)
         return y.mul_(self.scale) if self.scale != 1.0 else y
 
@@ -72,9 +73,9 @@ class LogitTransform:
 IDENTITY = LogitTransform()
 
 #: Config keys of post-head logit transforms -> the part of the transform each sets (the keys TRL
-#: 1.16's fused head reads). The packed engine checks the result against the model's own forward
-#: once per model (:func:`dpo_lightning.engine.packed.head_mismatch`), so a model that uses a
-#: key otherwise (or transforms its logits in an unlisted way) falls back to the padded engine.
+#: 1.16's fused head reads). The packed engine checks the result against the padded engine once per
+#: model (:func:`dpo_lightning.engine.support.probe_mismatch`), so a model that uses a key
+#: otherwise (or transforms its logits in an unlisted way) falls back to the padded engine.
 TRANSFORM_KEYS: dict[str, Any] = {
     "final_logit_softcapping": lambda v: {"softcap": float(v)},
     "logit_scale": lambda v: {"scale": float(v)},  # Cohere: logits * logit_scale
