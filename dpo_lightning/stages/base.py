@@ -102,6 +102,15 @@ class PolicyModule(L.LightningModule):
         self.flops_per_batch = self.flops_per_token(training=False) * int(batch["num_tokens"])
         self._shared_step(batch, "val")
 
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients as soon as they are applied. Lightning zeroes them just before the
+        # next backward, so they would sit through the next forward beside its activations: the
+        # size of the trainable weights again at the step's memory peak. Same numbers, less memory.
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
