@@ -205,3 +205,27 @@ def test_dpo_step_logs_entropy_and_token_accuracy_and_reference_runs_in_inferenc
     assert modes and all(modes)
     assert 0 < logged["entropy"] <= torch.log(torch.tensor(float(V))) + 1e-4
     assert 0 <= logged["mean_token_accuracy"] <= 1
+
+
+def test_lora_policy_with_adapter_reference_resolves_to_packed_and_matches_padded():
+    """A PEFT-wrapped policy (LoRA on attention and on the LM head, so the head is no plain
+    ``nn.Linear``: checkpointed chunks) and the adapter-off reference: auto picks packed, and its
+    first-step loss is the padded one."""
+    from dpo_lightning.models.lora import apply_lora
+    from dpo_lightning.reference import AdapterReference
+
+    losses = {}
+    for name, engine in (("auto", AutoEngine()), ("padded", PaddedEngine())):
+        policy = apply_lora(make_tiny_model(V), r=4, alpha=8, target_modules=["q_proj", "v_proj", "lm_head"])
+        with torch.no_grad():  # a non-zero adapter: policy and reference differ
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(std=0.2)
+        module = _dpo(policy, engine, reference=AdapterReference())
+        module.log_stage = lambda *a, **k: None
+        collate = (engine.choice() if name == "auto" else engine).collator(0)
+        losses[name] = module._shared_step(collate(_examples(seed=7)), "train")
+        if name == "auto":
+            assert isinstance(module.engine, PackedEngine)
+    assert abs(losses["padded"].item() - 0.6931472) > 1e-4  # not log 2: the adapter matters
+    torch.testing.assert_close(losses["auto"], losses["padded"], atol=1e-6, rtol=1e-5)

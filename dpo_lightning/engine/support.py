@@ -56,7 +56,7 @@ def static_unsupported(model: nn.Module, attn_implementation: str | None) -> str
     impl = attn_implementation or config._attn_implementation
     if impl not in PACKED_ATTENTION:
         return f"attention {impl!r} cannot take a packed mask (one of {sorted(PACKED_ATTENTION)} can)"
-    if impl != config._attn_implementation and not type(model).is_backend_compatible():
+    if impl != config._attn_implementation and not model.is_backend_compatible():  # PEFT: forwarded
         return f"{type(model).__name__} cannot switch its attention to {impl!r}"
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if impl != WINDOW_AWARE and sliding_window_of(config) is not None:
