@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunk", type=int, default=1024, help="rows per chunk (both chunked kernels)")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--repeat", type=int, default=1, help="rounds; kernels alternate within each")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.kernels.split(",")) - set(KERNELS)
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         have = ", ".join(KERNELS)
         p.error(f"--kernels: {sorted(unknown)} not available with torch {torch.__version__}; have {have}")
     if args.worker:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         kernel, tokens = args.worker.split("@")
         print("HEAD_RESULT " + json.dumps(measure(kernel, int(tokens), args.shape, args.chunk, args.iters)))
         return
