@@ -81,7 +81,7 @@ def test_collator_hand_worked():
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "packed_sdpa"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "per_document"])
 @pytest.mark.parametrize(
     "engine",
     [
@@ -162,14 +162,6 @@ def test_flex_block_mask_matches_dense_and_skips_blocks():
     assert block.sparsity() > 0  # % of blocks skipped
 
 
-def test_packed_engine_rejects_post_head_transform():
-    model = make_tiny_model(V)
-    model.config.final_logit_softcapping = 30.0
-    engine = PackedEngine()
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        engine(model, engine.collator(0)(_examples()))
-
-
 def test_engine_config_composes_and_is_wired(tmp_path):
     """``engine=packed`` composes to a PackedEngine whose collator the DataModule then uses."""
     from hydra.utils import instantiate
@@ -179,7 +171,7 @@ def test_engine_config_composes_and_is_wired(tmp_path):
     cfg = compose(["engine=packed", "engine.chunk_size=7"], tmp_path)
     engine = instantiate(cfg.engine)
     assert isinstance(engine, PackedEngine) and engine.chunk_size == 7
-    assert isinstance(instantiate(compose([], tmp_path).engine), PaddedEngine)  # default
+    assert isinstance(instantiate(compose(["engine=padded"], tmp_path).engine), PaddedEngine)
     gpu = instantiate(compose(["engine=fast_gpu"], tmp_path).engine)
     assert (gpu.attn_implementation, gpu.compile) == ("flex_attention", True)
     assert gpu.collator(3).pad_to_multiple_of == 128  # FlexAttention's block, unless data says
@@ -286,13 +278,13 @@ def test_packed_layout_hand_worked():
     assert m[2, 0].tolist() == [1, 0, 0, 0]
 
 
-def test_packed_sdpa_without_layout_is_plain_sdpa():
-    """Outside the engine (generation, callbacks) a model switched to packed_sdpa is unchanged."""
+def test_per_document_without_layout_is_plain_sdpa():
+    """Outside the engine (generation, callbacks) a model switched to per_document is unchanged."""
     model = make_tiny_model(V)
     ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     want = model(input_ids=ids, attention_mask=mask).logits
-    model.set_attn_implementation("packed_sdpa")
+    model.set_attn_implementation("per_document")
     got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], want[mask.bool()])
 

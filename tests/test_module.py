@@ -92,3 +92,28 @@ def test_checkpoint_holds_one_copy_of_the_weights(tiny_model, tmp_path):
     fresh.load_state_dict(ckpt["state_dict"], strict=True)
     for k, v in module.policy.state_dict().items():
         assert torch.equal(fresh.policy.state_dict()[k], v)
+
+
+def test_gradients_are_freed_after_the_step_not_kept_through_the_next_forward(tiny_model, tmp_path):
+    """After each optimizer step the policy has no gradients (they would otherwise sit through the
+    next forward beside its activations); within gradient accumulation they are kept."""
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(sum(p.grad is not None for p in pl_module.policy.parameters()))
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[Probe()],
+    )
+    loader = torch.utils.data.DataLoader(range(4), collate_fn=lambda _: _batch())
+    trainer.fit(_module(tiny_model), train_dataloaders=loader)
+    params = len(list(tiny_model.parameters()))
+    assert seen == [0, params, 0, params]  # micro-batches 1 and 3 start a step; 2 and 4 accumulate

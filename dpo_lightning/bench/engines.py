@@ -8,27 +8,86 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
-from dpo_lightning.bench.workload import SHAPES, StepClock, make_model, text_rows, word_tokenizer
+from dpo_lightning.bench.workload import (
+    StepClock,
+    current_rss_gib,
+    head_params,
+    make_model,
+    model_config,
+    text_rows,
+    word_tokenizer,
+)
 
 
-def run_dpo_lightning(
-    args: argparse.Namespace, examples: list[dict], device: str
-) -> tuple[list[float], list[float]]:
+@dataclass
+class Run:
+    """What one engine's run measured: per timed step wall and CPU seconds; memory when training
+    starts (GiB); the FLOPs it executed per step (median; None where not counted)."""
+
+    times: list[float]
+    cpu_times: list[float]
+    start_mem: float | None = None
+    executed_flops: float | None = None
+
+
+@dataclass
+class ExecutedFlops:
+    """FLOPs the engine computes for a batch: the body's matmuls on every token it runs (packed:
+    prompt once, no padding; padded: every padded position), the head on every token it scores,
+    forward + backward for the policy (×3) and a forward for the reference (×1); attention left
+    out (a few % here), the chunked head's backward recompute too (it is not model work)."""
+
+    body_params: int
+    head_params: int
+    with_reference: bool
+    per_step: list[float] = field(default_factory=list)
+
+    def add(self, batch: dict[str, Any]) -> None:
+        if "logit_index" in batch:  # packed: real tokens once, the head on completion tokens
+            body, head = int(batch["num_tokens"]), int(batch["logit_index"].numel())
+        else:  # padded rows, full logits
+            body = head = int(batch["input_ids"].numel())
+        passes = 2 * (3 + (1 if self.with_reference else 0))
+        self.per_step.append(passes * (self.body_params * body + self.head_params * head))
+
+
+#: ``--reference`` -> (reference strategy, reference-free loss?) for the dpo_lightning engine.
+REFERENCES = {"copy": False, "precomputed": False, "adapter": False, "none": True}
+
+
+def _reference(name: str, cache_dir: str):
+    from dpo_lightning.reference import AdapterReference, CopyReference, NoReference, PrecomputedReference
+
+    builders = {
+        "copy": CopyReference,
+        "precomputed": lambda: PrecomputedReference(cache_dir=cache_dir),
+        "adapter": AdapterReference,
+        "none": NoReference,
+    }
+    return builders[name]()
+
+
+def run_dpo_lightning(args: argparse.Namespace, examples: list[dict], device: str) -> Run:
     import datasets
     import lightning as L
 
     from dpo_lightning.data.datamodule import PreferenceDataModule
     from dpo_lightning.engine import PackedEngine, PaddedEngine
-    from dpo_lightning.losses import DPOLoss
+    from dpo_lightning.losses import DPOLoss, SimPOLoss
+    from dpo_lightning.models.lora import apply_lora
     from dpo_lightning.stages import DPOModule
 
-    vocab = SHAPES[args.shape]["config"]["vocab_size"]
+    config = model_config(args.shape, args.model)
+    vocab = config.get_text_config().vocab_size
     rows = text_rows(examples, vocab)
-    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else "packed_sdpa")
+    attn = args.attn if args.attn != "auto" else ("flex_attention" if device == "cuda" else "per_document")
     engine = (
         PackedEngine(
             prefix_sharing=args.prefix_sharing,
@@ -51,20 +110,33 @@ def run_dpo_lightning(
         layout=engine,
     )
     datamodule.setup("fit")
+    policy = make_model(args.shape, device, args.model)
+    if args.lora:
+        policy = apply_lora(policy, r=args.lora, alpha=2 * args.lora)
+    reference_free = REFERENCES[args.reference]
     module = DPOModule(
-        make_model(args.shape, device),
-        DPOLoss(beta=0.1),
+        policy,
+        SimPOLoss() if reference_free else DPOLoss(beta=0.1),
         optimizer=partial(torch.optim.AdamW, lr=1e-6, fused=device == "cuda"),
+        reference=_reference(args.reference, tempfile.mkdtemp(prefix="dpo_bench_ref_")),
         engine=engine,
     )
+    head = head_params(config)
+    params = sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" not in n)
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    reference_forward = not reference_free and args.reference != "precomputed"
+    flops = ExecutedFlops(params - head * (1 if tied else 2), head, reference_forward)
     clock = StepClock(device)
+    run = Run(clock.times, clock.cpu_times)
 
     class Clock(L.Callback):
         def on_train_start(self, trainer, pl_module):
+            run.start_mem = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else current_rss_gib()
             clock.tick()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
+            flops.add(batch)
 
     trainer = L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
@@ -81,21 +153,26 @@ def run_dpo_lightning(
         callbacks=[Clock()],
     )
     trainer.fit(module, datamodule=datamodule)
-    return clock.times[args.warmup :], clock.cpu_times[args.warmup :]
+    run.times[:], run.cpu_times[:] = run.times[args.warmup :], run.cpu_times[args.warmup :]
+    timed = flops.per_step[args.warmup :]
+    run.executed_flops = sorted(timed)[len(timed) // 2] if timed else None
+    return run
 
 
-def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> tuple[list[float], list[float]]:
+def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> Run:
     import datasets
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    vocab = SHAPES[args.shape]["config"]["vocab_size"]
-    policy = make_model(args.shape, device)
+    vocab = model_config(args.shape, args.model).get_text_config().vocab_size
+    policy = make_model(args.shape, device, args.model)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     clock = StepClock(device)
+    run = Run(clock.times, clock.cpu_times)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, s, c, **k):
+            run.start_mem = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else current_rss_gib()
             clock.tick()
 
         def on_step_end(self, a, s, c, **k):
@@ -128,7 +205,8 @@ def run_trl(args: argparse.Namespace, examples: list[dict], device: str) -> tupl
         callbacks=[Clock()],
     )
     trainer.train()
-    return clock.times[args.warmup :], clock.cpu_times[args.warmup :]
+    run.times[:], run.cpu_times[:] = run.times[args.warmup :], run.cpu_times[args.warmup :]
+    return run
 
 
 ENGINES = {"dpo_lightning": run_dpo_lightning, "trl": run_trl}

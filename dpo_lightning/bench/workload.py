@@ -1,6 +1,8 @@
 """The benchmark's workload: model shapes, token-id examples, a word-level tokenizer, a clock.
 
 Drawn exactly as ``shared/bench/trl_anchor.py`` draws them, so every engine sees the same data.
+A shape gives a model config (random init) and the length distributions; ``--model DIR`` swaps
+in any local HF causal LM (its own config and weights) on the shape's lengths.
 """
 
 from __future__ import annotations
@@ -39,13 +41,39 @@ SHAPES = {
         prompt=(64, 384),
         completion=(32, 384),
     ),
+    # SmolLM2-135M's config (HuggingFaceTB/SmolLM2-135M, config.json), random init. The lengths
+    # are the 1B workload's divided by 4, 4 pairs per step, 1 + 3 steps: three alternating repeats
+    # of both engines fit in 15 minutes on 2 CPU cores (fp32); the matmuls and the 49k-vocab head
+    # still dominate.
+    "smollm2-135m": dict(
+        config=dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-5,
+        ),
+        prompt=(16, 96),
+        completion=(8, 96),
+        pairs=4,
+        steps=3,
+        warmup=1,
+    ),
 }
 
 
-def make_examples(shape: str, pairs: int, steps: int, warmup: int) -> list[dict[str, list[int]]]:
-    """Token-id examples, drawn exactly as ``trl_anchor.py`` draws them."""
+def make_examples(
+    shape: str, pairs: int, steps: int, warmup: int, vocab: int | None = None
+) -> list[dict[str, list[int]]]:
+    """Token-id examples, drawn exactly as ``trl_anchor.py`` draws them (``vocab``: the model's,
+    when it is not the shape's)."""
     spec = SHAPES[shape]
-    vocab = spec["config"]["vocab_size"]
+    vocab = vocab or spec["config"]["vocab_size"]
     eos = vocab - 1
     rng = random.Random(0)
     out = []
@@ -96,16 +124,52 @@ def text_rows(examples: list[dict[str, list[int]]], vocab: int) -> list[dict[str
     ]
 
 
-def make_model(shape: str, device: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def model_config(shape: str, model_dir: str | None = None):
+    """The HF config of the benchmarked model: the shape's (a Llama), or the folder's."""
+    from transformers import AutoConfig, LlamaConfig
 
-    cfg = LlamaConfig(**SHAPES[shape]["config"])
-    cfg._attn_implementation = "sdpa"
+    if model_dir:
+        return AutoConfig.from_pretrained(model_dir)
+    return LlamaConfig(**SHAPES[shape]["config"])
+
+
+def make_model(shape: str, device: str, model_dir: str | None = None):
+    """The model both engines train: the shape's config at random init (seed 0), or the weights
+    of ``model_dir``; bf16 on CUDA, fp32 on CPU; SDPA attention where the model has it."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
+    if model_dir:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    cfg = model_config(shape)
+    cfg._attn_implementation = "sdpa"
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(
-            cfg, dtype=torch.bfloat16 if device == "cuda" else torch.float32
-        )
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+
+
+def count_params(config) -> int:
+    """Parameters of a model with this config (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def head_params(config) -> int:
+    """Parameters of the LM head matmul (V·H), from a HF config."""
+    text = config.get_text_config()
+    return text.vocab_size * text.hidden_size
+
+
+def current_rss_gib() -> float | None:
+    """This process's resident memory now (Linux ``/proc``), in GiB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+    return kib / 2**20
 
 
 class StepClock:

@@ -5,19 +5,46 @@ An engine owns both ends of a batch layout — the collator that builds the batc
 reads it — so a stage never checks which engine it has. Whatever an engine derives from a batch
 once and shares between the models that read it (the packed attention mask) lives in an
 :class:`EngineBatch` the stage creates per batch, never inside the batch dict.
+
+Which engine may run is settled once, when the stage is built: :meth:`ForwardEngine.resolve` is
+given the model and the components that read the batches (the stage, its reference strategy —
+each a :class:`BatchReader`, asked :meth:`~BatchReader.padded_rows_reason`), and answers with the
+engine to use: itself, another (``engine=auto``), or a one-line error naming what cannot run.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.logps import CompletionStats
+from dpo_lightning.run.errors import UserError
+
+
+class BatchReader(Protocol):
+    """A component that reads the engine's batches besides the engine (a stage, a reference
+    strategy): it says whether it needs one padded row per completion."""
+
+    def padded_rows_reason(self) -> str | None:
+        """Why this component needs padded rows (one line, e.g. ``"stage=reward_model reads each
+        row's last real token"``), or None when any layout does."""
+        ...
+
+
+class UnsupportedLayout(UserError, ValueError):
+    """An engine cannot run this model or these batch readers (the message says why and what to
+    set instead)."""
+
+
+def padded_rows_reasons(readers: Iterable[BatchReader]) -> list[str]:
+    """The reasons the ``readers`` give for needing padded rows (empty: any layout)."""
+    return [r for r in (reader.padded_rows_reason() for reader in readers) if r]
 
 
 @dataclass
@@ -40,9 +67,14 @@ class EngineBatch:
     outputs: frozenset[str] = frozenset()
 
     def once(self, key: Any, build: Callable[[], Any]) -> Any:
-        """``build()`` the first time ``key`` is asked for on this batch; the same value after."""
+        """``build()`` the first time ``key`` is asked for on this batch; the same value after.
+
+        Built outside inference mode even when a reference forward asks first, so a grad-mode
+        forward may save the value for its backward (index tensors of the packed layout).
+        """
         if key not in self.derived:
-            self.derived[key] = build()
+            with torch.inference_mode(False):
+                self.derived[key] = build()
         return self.derived[key]
 
 
@@ -79,6 +111,18 @@ class ForwardEngine:
         self.__dict__.update(state)
         self._compiled = weakref.WeakSet()
 
+    def resolve(
+        self, model: nn.Module, readers: Iterable[BatchReader] = ()
+    ) -> tuple[ForwardEngine, str | None]:
+        """The engine that will run ``model`` for these batch ``readers``, and a line to log (or
+        None). This one supports every model and reader; see :class:`~.packed.PackedEngine` and
+        :class:`~.auto.AutoEngine` for the others.
+
+        Raises:
+            UnsupportedLayout: the engine cannot serve a reader or the model (one line: why).
+        """
+        return self, None
+
     def collator(
         self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None
     ) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
@@ -86,9 +130,15 @@ class ForwardEngine:
         return PreferenceCollator(pad_token_id, padding_side, pad_to_multiple_of)
 
     def __call__(
-        self, model: nn.Module, batch: EngineBatch | dict[str, Any], rows: Tensor | None = None
+        self,
+        model: nn.Module,
+        batch: EngineBatch | dict[str, Any],
+        rows: Tensor | None = None,
     ) -> CompletionStats:
-        """Statistics of the completions ``rows`` (default: all B) of ``batch``: (R,) tensors."""
+        """Statistics of the completions ``rows`` (default: all B) of ``batch``: (R,) tensors,
+        with the optional outputs ``batch.outputs`` names (``"token_metrics"``: the summed entropy
+        and argmax hits per completion, TRL's ``entropy`` / ``mean_token_accuracy``, from the same
+        logits: no extra forward)."""
         if self.compile and model not in self._compiled:
             compile_decoder_layers(model)
             self._compiled.add(model)

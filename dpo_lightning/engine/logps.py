@@ -14,9 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from dpo_lightning.data.collate import IGNORE_INDEX
+from dpo_lightning.engine.chunked_head import log_sum_sq_probs, logits_token_stats
 
+#: The optional output that adds ``entropy`` and ``top1`` (TRL's ``entropy`` /
+#: ``mean_token_accuracy``), from the forward's own logits: no second head pass.
+TOKEN_METRICS = "token_metrics"
 #: Optional outputs an engine computes only when the step asks for them (``EngineBatch.outputs``).
-OPTIONAL_OUTPUTS = frozenset({"token_logps", "log_sum_sq_probs"})
+OPTIONAL_OUTPUTS = frozenset({"token_logps", "log_sum_sq_probs", TOKEN_METRICS})
 
 
 @dataclass
@@ -26,13 +30,18 @@ class CompletionStats:
     Attributes:
         logps: log-prob of the completion tokens, **summed** over the completion.
         lengths: number of completion tokens (the mask sum), float.
-        mean_logits: mean raw logit over completion tokens and the vocabulary (for metrics).
+        mean_logits: mean logit over completion tokens and the vocabulary, after the model's
+            logit transform (for metrics).
         token_logps: only when asked for (``"token_logps"``): (M,) the log-prob of every
             completion token, completion 0's ``lengths[0]`` tokens first, each completion in
             position order; differentiable like ``logps`` (LD-DPO splits it at a length).
         log_sum_sq_probs: only when asked for (``"log_sum_sq_probs"``): (B,)
             ``Σ_t log Σ_v p_t(v)²`` over the completion's tokens, detached (WPO's weight
             alignment, https://arxiv.org/abs/2406.11827).
+        entropy: only when asked for (``"token_metrics"``): policy entropy **summed** over the
+            completion's tokens (detached).
+        top1: only when asked for (``"token_metrics"``): completion tokens whose label is the
+            (first) argmax of the logits (detached, float).
     """
 
     logps: Tensor
@@ -40,14 +49,24 @@ class CompletionStats:
     mean_logits: Tensor
     token_logps: Tensor | None = None
     log_sum_sq_probs: Tensor | None = None
+    entropy: Tensor | None = None
+    top1: Tensor | None = None
 
     def select(self, rows: Tensor) -> CompletionStats:
         """The statistics of completions ``rows`` (R,) only."""
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
         tokens = None
         if self.token_logps is not None:
             tokens = self.token_logps[segment_index(self.offsets()[rows], self.lengths[rows].long())]
-        sq = None if self.log_sum_sq_probs is None else self.log_sum_sq_probs[rows]
-        return CompletionStats(self.logps[rows], self.lengths[rows], self.mean_logits[rows], tokens, sq)
+        return CompletionStats(
+            pick(self.logps),
+            pick(self.lengths),
+            pick(self.mean_logits),
+            tokens,
+            pick(self.log_sum_sq_probs),
+            pick(self.entropy),
+            pick(self.top1),
+        )
 
     def offsets(self) -> Tensor:
         """(B,) where each completion's tokens start in ``token_logps``."""
@@ -94,16 +113,6 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def log_sum_sq_probs(logits: Tensor) -> Tensor:
-    """``log Σ_v softmax(logits)_v²`` per position, in fp32, no gradient: (..., V) -> (...).
-
-    ``= logsumexp(2 z) − 2 logsumexp(z)``: WPO's alignment term (TRL 1.16 ``log_sum_sq_probs``).
-    """
-    with torch.no_grad():
-        z = logits.float()
-        return torch.logsumexp(2 * z, dim=-1) - 2 * torch.logsumexp(z, dim=-1)
-
-
 def completion_stats(
     logits: Tensor, labels: Tensor, outputs: frozenset[str] = frozenset()
 ) -> CompletionStats:
@@ -123,7 +132,7 @@ def completion_stats(
     per_token = token_logps(logits, safe_labels) * mask
     lengths = mask.sum(-1).float()
     logit_sums = (logits.detach().float().mean(-1) * mask).sum(-1)
-    return CompletionStats(
+    stats = CompletionStats(
         logps=per_token.sum(-1),
         lengths=lengths,
         mean_logits=logit_sums / lengths.clamp(min=1.0),
@@ -131,6 +140,15 @@ def completion_stats(
         token_logps=per_token[mask] if "token_logps" in outputs else None,
         log_sum_sq_probs=(log_sum_sq_probs(logits) * mask).sum(-1) if "log_sum_sq_probs" in outputs else None,
     )
+    if TOKEN_METRICS in outputs:
+        with torch.no_grad():  # row by row, completion positions only: one (T_c, V) temporary at a time
+            rows = [
+                logits_token_stats(y[m], t[m], metrics=True)
+                for y, t, m in zip(logits, labels, mask, strict=True)
+            ]
+            stats.entropy = torch.stack([r.entropy.sum() for r in rows])
+            stats.top1 = torch.stack([r.top1.sum() for r in rows])
+    return stats
 
 
 def concatenated_forward(

@@ -7,30 +7,42 @@ the same row and the same attention mask, built once per batch.
 
 Supports / assumptions: decoder-only HF models exposing ``get_decoder()`` and
 ``get_output_embeddings()`` whose attention implementation can take the packed mask
-(``packed_sdpa``, ``flex_attention``, ``sdpa``, ``eager``); no logit transform after the LM head
-(soft-capping or a logit scale is refused: use ``engine=padded``). No padding side (there is one
-row); ``data.pad_to_multiple_of`` rounds the row length up, and FlexAttention rounds it to its
-128-token block when nothing else is asked for.
+(``per_document``, ``flex_attention``, ``sdpa``, ``eager``); logit transforms after the LM head
+(Gemma's ``final_logit_softcapping``, logit scales) applied per chunk; sliding windows and
+attention soft-capping with ``per_document``. :meth:`PackedEngine.resolve` checks a model once
+(:mod:`dpo_lightning.engine.support`: its structure, then a probe batch against the padded
+engine) and names what it cannot do. No padding side (there is one row);
+``data.pad_to_multiple_of`` rounds the row length up, and FlexAttention rounds it to its 128-token
+block when nothing else is asked for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dpo_lightning.engine import doc_attention  # noqa: F401 - registers the packed_sdpa attention
-from dpo_lightning.engine.base import EngineBatch, ForwardEngine
-from dpo_lightning.engine.chunked_head import head_log_sum_sq_probs, head_mean_logits, head_token_logps
-from dpo_lightning.engine.logps import CompletionStats
+from dpo_lightning.engine import doc_attention  # noqa: F401 - registers the per_document attention
+from dpo_lightning.engine.base import (
+    BatchReader,
+    EngineBatch,
+    ForwardEngine,
+    UnsupportedLayout,
+    padded_rows_reasons,
+)
+from dpo_lightning.engine.chunked_head import (
+    TokenStats,
+    head_log_sum_sq_probs,
+    head_token_stats,
+    transform_from_config,
+)
+from dpo_lightning.engine.logps import TOKEN_METRICS, CompletionStats
 from dpo_lightning.engine.packing import PACKED_ATTENTION, PackedCollator, packed_attention_kwargs
+from dpo_lightning.engine.support import probe_mismatch, static_unsupported
 from dpo_lightning.run.errors import UserError, check_choice, check_number
 
-#: Config keys of models whose head output is transformed after the LM head (soft-capping, a
-#: scale): the chunked head would skip that step, so such models must use the padded engine.
-_POST_HEAD_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
 #: FlexAttention's block size: packed rows are rounded up to it unless data.pad_to_multiple_of says.
 FLEX_BLOCK = 128
 
@@ -42,7 +54,7 @@ class PackedEngine(ForwardEngine):
         prefix_sharing: prompt computed once per example, its K completions branching off it.
         chunk_size: rows of (chunk, V) logits alive at once in the LM head; ``None``: all
             completion tokens at once (still never the prompt's).
-        attn_implementation: switch the models to this attention: ``packed_sdpa`` (per-document
+        attn_implementation: switch the models to this attention: ``per_document`` (per-document
             SDPA, :mod:`dpo_lightning.engine.doc_attention`), ``flex_attention`` (GPU,
             block-sparse); ``None`` keeps the model's (``sdpa``/``eager``: a dense (N, N) mask,
             N² work).
@@ -55,7 +67,7 @@ class PackedEngine(ForwardEngine):
         self,
         prefix_sharing: bool = True,
         chunk_size: int | None = 1024,
-        attn_implementation: str | None = "packed_sdpa",
+        attn_implementation: str | None = "per_document",
         compile: bool = False,
     ) -> None:
         super().__init__(compile=compile)
@@ -77,8 +89,19 @@ class PackedEngine(ForwardEngine):
             pad_to_multiple_of = FLEX_BLOCK
         return PackedCollator(pad_token_id, self.prefix_sharing, pad_to_multiple_of)
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        """Why this engine cannot run ``model`` exactly (one line), or None: the static checks of
+        :mod:`~dpo_lightning.engine.support`, then its probe batch against the padded engine."""
+        return static_unsupported(model, self.attn_implementation) or probe_mismatch(self, model)
+
+    def resolve(self, model: nn.Module, readers: Iterable[BatchReader] = ()) -> tuple[ForwardEngine, None]:
+        reasons = padded_rows_reasons(readers)
+        reason = reasons[0] if reasons else self.unsupported(model)
+        if reason:
+            raise UnsupportedLayout(f"engine=packed: {reason}; use engine=padded (engine=auto picks it)")
+        return self, None
+
     def forward(self, model: nn.Module, batch: EngineBatch, rows: Tensor | None) -> CompletionStats:
-        _check_head(model)
         impl = self._attention(model)
         data = batch.data
         dtype = next(model.parameters()).dtype
@@ -93,14 +116,20 @@ class PackedEngine(ForwardEngine):
             **attention,
         ).last_hidden_state[0]  # (N, H)
         predicting = hidden.index_select(0, data["logit_index"])  # (M, H)
-        head = model.get_output_embeddings()
-        logps = head_token_logps(head, predicting, data["target_ids"], self.chunk_size)  # (M,)
-        mean_logits = head_mean_logits(head, predicting)  # (M,)
-        stats = segment_stats(logps, mean_logits, data["completion_index"], int(data["num_completions"]))
+        head, transform = model.get_output_embeddings(), transform_from_config(model.config)
+        tokens = head_token_stats(
+            head,
+            predicting,
+            data["target_ids"],
+            self.chunk_size,
+            transform,  # soft-capping / scales, per chunk
+            TOKEN_METRICS in batch.outputs,
+        )  # (M,) each
+        stats = segment_stats(tokens, data["completion_index"], int(data["num_completions"]))
         if "token_logps" in batch.outputs:  # already in completion order: the row lists them so
-            stats.token_logps = logps
+            stats.token_logps = tokens.logps
         if "log_sum_sq_probs" in batch.outputs:
-            per_token = head_log_sum_sq_probs(head, predicting, self.chunk_size)  # (M,), no grad
+            per_token = head_log_sum_sq_probs(head, predicting, self.chunk_size, transform)  # (M,), no grad
             stats.log_sum_sq_probs = per_token.new_zeros(stats.logps.shape[0]).index_add(
                 0, data["completion_index"], per_token
             )
@@ -113,22 +142,17 @@ class PackedEngine(ForwardEngine):
         return model.config._attn_implementation
 
 
-def segment_stats(
-    token_logps: Tensor, token_mean_logits: Tensor, completion_index: Tensor, num: int
-) -> CompletionStats:
+def segment_stats(tokens: TokenStats, completion_index: Tensor, num: int) -> CompletionStats:
     """Per-token values (M,) summed into their completions (B,), as ``completion_stats`` does."""
-    logps = token_logps.new_zeros(num).index_add(0, completion_index, token_logps)
+
+    def per_completion(values: Tensor | None) -> Tensor | None:
+        return None if values is None else values.new_zeros(num).index_add(0, completion_index, values)
+
     lengths = torch.bincount(completion_index, minlength=num).float()
-    logit_sums = token_mean_logits.new_zeros(num).index_add(0, completion_index, token_mean_logits)
-    return CompletionStats(logps=logps, lengths=lengths, mean_logits=logit_sums / lengths.clamp(min=1.0))
-
-
-def _check_head(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    for key in _POST_HEAD_KEYS:
-        value = getattr(config, key, None)
-        if value not in (None, 1.0):
-            raise ValueError(
-                f"packed engine: the model's config sets {key}={value} (logits are transformed "
-                "after the LM head, which the chunked head does not do); use engine=padded"
-            )
+    return CompletionStats(
+        logps=per_completion(tokens.logps),
+        lengths=lengths,
+        mean_logits=per_completion(tokens.mean_logits) / lengths.clamp(min=1.0),
+        entropy=per_completion(tokens.entropy),
+        top1=per_completion(tokens.top1),
+    )

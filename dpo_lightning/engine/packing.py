@@ -183,7 +183,7 @@ PACKED_ATTENTION: dict[str, Callable[[Tensor, Tensor, torch.dtype], dict[str, An
     "sdpa": _as_mask(dense_bool_mask),
     "eager": _as_mask(dense_additive_mask),
     "flex_attention": _as_mask(flex_block_mask),
-    "packed_sdpa": _per_document,
+    "per_document": _per_document,
 }
 
 

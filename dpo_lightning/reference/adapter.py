@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
-from dpo_lightning.reference.base import ReferenceStrategy
+from dpo_lightning.reference.base import ReferenceStrategy, frozen_forward
 from dpo_lightning.run.errors import ConfigError
 
 NEEDS_LORA = (
@@ -36,7 +35,6 @@ class AdapterReference(ReferenceStrategy):
     def forward_params(self, policy: nn.Module) -> int:
         return sum(p.numel() for p in policy.parameters())  # the policy, adapter off
 
-    @torch.no_grad()
     def completion_logps(
         self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
     ) -> CompletionStats:
@@ -44,6 +42,6 @@ class AdapterReference(ReferenceStrategy):
         policy.eval()  # the reference never sees dropout, the adapter's included
         try:
             with policy.disable_adapter():
-                return engine(policy, batch)
+                return frozen_forward(engine, policy, batch)
         finally:
             policy.train(was_training)

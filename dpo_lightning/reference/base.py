@@ -23,6 +23,7 @@ The stage never checks which strategy it has, and a strategy reads the loss only
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 from typing import Any
 
 import lightning as L
@@ -86,6 +87,11 @@ class ReferenceStrategy(nn.Module):
         """Lightning callbacks this strategy needs (added by the stage's ``configure_callbacks``)."""
         return []
 
+    def padded_rows_reason(self) -> str | None:
+        """Why this strategy needs one padded row per completion (a
+        :class:`~dpo_lightning.engine.BatchReader`); None: it reads batches through the engine."""
+        return None
+
     def forward_params(self, policy: nn.Module) -> int:
         """Parameters one reference forward reads per token (0: no forward; for FLOP counts)."""
         return 0 if self.model is None else sum(p.numel() for p in self.model.parameters())
@@ -122,6 +128,16 @@ def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
         )
 
 
+def frozen_forward(engine: ForwardEngine, model: nn.Module, batch: EngineBatch) -> CompletionStats:
+    """``engine(model, batch)`` under ``torch.inference_mode`` (no autograd state, no version
+    counters: the cheapest forward torch has), its (B,) outputs returned as ordinary tensors so a
+    loss may save them for its backward."""
+    with torch.inference_mode():
+        stats = engine(model, batch)
+    values = {f.name: getattr(stats, f.name) for f in fields(stats)}
+    return CompletionStats(**{k: None if v is None else v.clone() for k, v in values.items()})
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with no gradients (not trained, no dropout)."""
     return copy.deepcopy(model).eval().requires_grad_(False)
@@ -136,12 +152,11 @@ class CopyReference(ReferenceStrategy):
     def build(self, policy: nn.Module) -> None:
         self.model = frozen_copy(policy)
 
-    @torch.no_grad()
     def completion_logps(
         self, batch: EngineBatch, policy: nn.Module, engine: ForwardEngine
     ) -> CompletionStats:
         # The stage's engine: the reference reads the same (possibly packed) batch layout.
-        return engine(self.model, batch)
+        return frozen_forward(engine, self.model, batch)
 
 
 class NoReference(ReferenceStrategy):

@@ -11,14 +11,15 @@ M times larger (exactly, except under DeepSpeed: see ``reduce_loss``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from dpo_lightning.engine import ForwardEngine, PaddedEngine
+from dpo_lightning.engine import BatchReader, ForwardEngine, PaddedEngine
 from dpo_lightning.models.parallel import apply_parallelism, grads_on_parameters, sum_over_data_parallel
 from dpo_lightning.models.tensor_parallel import clip_grad_norm, spans_meshes, total_grad_norm
 
@@ -38,9 +39,12 @@ class PolicyModule(L.LightningModule):
             trainable parameters only (never a frozen reference).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None; stepped per step.
         engine: batch layout + forward (``conf/engine``; the same object built the DataModule's
-            collator); default: padded rows.
+            collator); default: padded rows. Resolved here, once, for this policy and the
+            batch ``readers`` (``engine=auto`` picks packed or padded and the choice is logged).
         tokenizer: the policy's tokenizer (``train.py`` passes it to every stage; None when a
             stage is built by hand), for parts that must agree with it.
+        readers: other components reading the batches (a reference strategy), asked with this
+            stage whether they need padded rows (:class:`~dpo_lightning.engine.BatchReader`).
 
     Subclasses implement ``_shared_step(batch, stage) -> loss`` (stage ``train`` or ``val``),
     reducing their per-item losses with :meth:`reduce_loss`, and list the frozen models they hold
@@ -54,19 +58,27 @@ class PolicyModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         engine: ForwardEngine | None = None,
         tokenizer: Any = None,
+        readers: Sequence[BatchReader] = (),
     ) -> None:
         super().__init__()
         self.policy = policy
         self.tokenizer = tokenizer
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.engine = engine or PaddedEngine()
+        self.engine, note = (engine or PaddedEngine()).resolve(policy, [self, *readers])
+        if note:
+            rank_zero_info(note)
         #: Model FLOPs of the batch being processed: Lightning's ``ThroughputMonitor`` reads it
         #: (for ``mfu``) after every batch.
         self.flops_per_batch: float | None = None
         #: Gradient accumulation window: (global item count of its first micro-batch, of all its
         #: micro-batches so far); None between optimizer steps.
         self._window: tuple[Tensor, Tensor] | None = None
+
+    def padded_rows_reason(self) -> str | None:
+        """Why this stage needs one padded row per completion (:class:`BatchReader`); None: it
+        reads only the engine's per-completion statistics."""
+        return None
 
     def forward_only_params(self) -> int:
         """Parameters read by the step's forward-only passes (a reference), per token."""
@@ -203,6 +215,15 @@ class PolicyModule(L.LightningModule):
             for p in self.policy.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Free the gradients as soon as they are applied. Lightning zeroes them just before the
+        # next backward, so they would sit through the next forward beside its activations: the
+        # size of the trainable weights again at the step's memory peak. Same numbers, less memory.
+        optimizer.zero_grad(set_to_none=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])

@@ -24,13 +24,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
+from dpo_lightning.engine.logps import TOKEN_METRICS
 from dpo_lightning.losses import PreferenceLoss, UnpairedLoss
 from dpo_lightning.models.parallel import is_sharded
 from dpo_lightning.reference import CopyReference, ReferenceStrategy
 from dpo_lightning.run.errors import UserError
 from dpo_lightning.stages.base import PolicyModule, model_flops_per_token
 from dpo_lightning.stages.inputs import extra_inputs
-from dpo_lightning.stages.metrics import preference_metrics
+from dpo_lightning.stages.metrics import preference_metrics, token_metrics
 from dpo_lightning.stages.unpaired import check_data_matches_loss, require_unpaired_batch, unpaired_metrics
 
 #: State-dict prefix of the reference strategy (its model, when it owns one).
@@ -68,9 +69,13 @@ class DPOModule(PolicyModule):
         weighting: Callable[[PreferenceLoss], PreferenceLoss] | None = None,
         tokenizer: Any = None,
     ) -> None:
-        super().__init__(policy, optimizer, scheduler, engine, tokenizer)
-        self.loss_fn = loss if weighting is None else weighting(loss)
-        self.reference = (reference or CopyReference()).for_loss(self.loss_fn)
+        loss_fn = loss if weighting is None else weighting(loss)
+        reference = (reference or CopyReference()).for_loss(loss_fn)
+        # The engine is resolved for the policy before the reference copies it (the copy then
+        # carries the attention the engine switched the policy to).
+        super().__init__(policy, optimizer, scheduler, engine, tokenizer, readers=[reference])
+        self.loss_fn = loss_fn
+        self.reference = reference
         if tokenizer is not None:
             self.reference.check_tokenizer(tokenizer)
         # What the forwards compute beyond summed log-probs: only what the loss reads.
@@ -134,9 +139,13 @@ class DPOModule(PolicyModule):
     def forward(self, batch: EngineBatch | dict[str, Any]) -> CompletionStats:
         return self.engine(self.policy, batch)
 
-    def _forwards(self, batch: dict[str, Any]) -> tuple[CompletionStats, CompletionStats | None]:
-        """Policy and reference statistics of every completion, with the outputs the loss reads."""
-        shared = EngineBatch(batch, outputs=self.policy_outputs)  # the packed mask is derived once
+    def _forwards(
+        self, batch: dict[str, Any], token_metrics: bool = False
+    ) -> tuple[CompletionStats, CompletionStats | None]:
+        """Policy and reference statistics of every completion, with the outputs the loss reads
+        (``token_metrics``: also the policy's entropy / token accuracy, from the same logits)."""
+        outputs = self.policy_outputs | ({TOKEN_METRICS} if token_metrics else set())
+        shared = EngineBatch(batch, outputs=outputs)  # the packed mask is derived once
         return self(shared), self.reference_stats(shared)
 
     def reference_stats(self, shared: EngineBatch) -> CompletionStats | None:
@@ -186,7 +195,7 @@ class DPOModule(PolicyModule):
                 f"loss {type(self.loss_fn).__name__} trains on pairs but this batch has none "
                 "(unpaired rows: use loss=kto or loss=bco)"
             )
-        policy, reference = self._forwards(batch)
+        policy, reference = self._forwards(batch, token_metrics=True)
         mean_length = self.mean_chosen_length(policy, ci)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(policy, reference, ci, ri, mean_length)
         metrics = preference_metrics(
@@ -200,6 +209,7 @@ class DPOModule(PolicyModule):
             policy.lengths[ci],
             policy.lengths[ri],
         )
+        metrics |= token_metrics(policy, ci)
         loss, metrics["loss"] = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # global pairs
         n = int(batch["num_pairs"])
         self.log_stage(metrics, stage, n)

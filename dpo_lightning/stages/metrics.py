@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dpo_lightning.engine import CompletionStats
+
 
 def token_mean_logits(mean_logits: Tensor, lengths: Tensor) -> Tensor:
     """TRL 1.16's ``logits/chosen`` (``logits/rejected``): the raw logit averaged over the
@@ -63,4 +65,22 @@ def preference_metrics(
         "logits/chosen": token_mean_logits(chosen_logits, chosen_lengths),
         "logits/rejected": token_mean_logits(rejected_logits, rejected_lengths),
         "grad_weight": torch.sigmoid(rejected_rewards - chosen_rewards).mean(),
+    }
+
+
+def token_metrics(policy: CompletionStats, chosen_idx: Tensor) -> dict[str, Tensor]:
+    """TRL 1.16's token-level metrics of the policy, token-weighted over the batch.
+
+    ``entropy``: mean entropy of the next-token distribution over every completion token
+    (chosen and rejected); ``mean_token_accuracy``: share of the chosen completions' tokens whose
+    label is the argmax. Both come from the forward's own logits (the ``"token_metrics"`` output); a
+    completion chosen in several pairs (K-wise rankings) counts once. Empty when the engine gave
+    no token metrics.
+    """
+    if policy.entropy is None or policy.top1 is None:
+        return {}
+    chosen = torch.unique(chosen_idx)
+    return {
+        "entropy": policy.entropy.sum() / policy.lengths.sum().clamp(min=1.0),
+        "mean_token_accuracy": policy.top1[chosen].sum() / policy.lengths[chosen].sum().clamp(min=1.0),
     }

@@ -95,8 +95,8 @@ class RewardModelModule(PolicyModule):
         policy: the causal LM whose backbone the reward model keeps (``model=`` config).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``(optimizer=, num_training_steps=) -> LRScheduler`` or None.
-        engine: must keep one padded row per completion (``engine=padded``): the head reads
-            each row's last real token.
+        engine: must keep one padded row per completion (``engine=padded``; ``auto`` picks it):
+            the head reads each row's last real token.
         center_rewards_coefficient: weight of ``mean((r_w + r_l)²)``, which keeps rewards centred
             on 0 (Eisenstein et al. 2023, https://arxiv.org/abs/2312.09244; TRL 1.16's option of the
             same name). 0 disables it.
@@ -113,14 +113,12 @@ class RewardModelModule(PolicyModule):
         pad_token_id: int | None = None,
         tokenizer: Any = None,
     ) -> None:
-        if engine is not None and not engine.row_per_completion:
-            raise ValueError(
-                f"stage=reward_model reads one padded row per completion; engine "
-                f"{type(engine).__name__} packs them: use engine=padded"
-            )
         model = reward_model_from_causal_lm(policy, pad_token_id)
         super().__init__(model, optimizer, scheduler, engine, tokenizer)
         self.center_rewards_coefficient = center_rewards_coefficient
+
+    def padded_rows_reason(self) -> str:
+        return "stage=reward_model reads each padded row's last real token"
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return sequence_rewards(self.policy, batch["input_ids"], batch["attention_mask"])
