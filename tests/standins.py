@@ -51,14 +51,14 @@ def make_model_folder(folder: Path, vocab_size: int = 600, positions: int = 2048
     return folder
 
 
-def write_pairs(path: Path, n: int = 48, columns: dict[str, str] | None = None) -> Path:
+def write_pairs(path: Path, n: int = 48, columns: dict[str, str] | None = None, seed: int = 3) -> Path:
     """Standard {prompt, chosen, rejected} rows (renamed by ``columns``) as JSON Lines."""
     from dpo_lightning.data.synthetic import sentiment_pairs
 
     names = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(columns or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for row in sentiment_pairs(n=n, seed=3):
+        for row in sentiment_pairs(n=n, seed=seed):
             f.write(json.dumps({names[k]: v for k, v in row.items()}) + "\n")
     return path
 

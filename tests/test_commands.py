@@ -121,10 +121,18 @@ def stand(tmp_path_factory) -> StandIns:
         "unpaired.jsonl": Path(shutil.copy(FIXTURES / "unpaired.jsonl", root / "unpaired.jsonl")),
         "feedback.jsonl": Path(shutil.copy(FIXTURES / "unpaired.jsonl", root / "feedback.jsonl")),
         "prompts.jsonl": Path(shutil.copy(FIXTURES / "prompts.jsonl", root / "prompts.jsonl")),
+        "shards": _shards(root / "shards"),  # data.streaming=true folders of .jsonl shards
+        "pairs": _shards(root / "pairs"),
     }
     model = make_model_folder(root / "model")
     tiny = make_tiny_default_folder(root / "tiny_model")
     return StandIns(root, model, files, tiny, make_reward_model_folder(root / "reward_model", model))
+
+
+def _shards(folder: Path) -> Path:
+    for i in range(2):
+        write_pairs(folder / f"part-{i:05d}.jsonl", n=40, seed=10 + i)
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,7 @@ def test_length_grouping_shards_across_ranks_without_gaps(tokenizer, tmp_path):
     dm.setup("fit")
     seen, counts = [], []
     for rank in range(2):
-        dm.trainer = types.SimpleNamespace(world_size=2, global_rank=rank)
+        dm.trainer = types.SimpleNamespace(distributed_sampler_kwargs={"rank": rank, "num_replicas": 2})
         loader = dm.train_dataloader()
         assert loader.sampler.lengths is not None and loader.sampler.num_replicas == 2
         batches = list(loader.batch_sampler)

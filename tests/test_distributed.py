@@ -141,7 +141,7 @@ def test_apply_parallelism_shards_policy_and_frozen_reference(tokenizer, one_ran
     from dpo_lightning.stages import DPOModule
 
     strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=True)
-    strategy._device_mesh = {"data_parallel": one_rank_group}
+    strategy._device_mesh = {"data_parallel": one_rank_group, "tensor_parallel": one_rank_group}
     module = DPOModule(make_tiny_model(len(tokenizer)), DPOLoss(), optimizer=None, reference=CopyReference())
     assert module._reference_left_out()  # unsharded: a rebuilt copy stays out of checkpoints
     assert apply_parallelism(strategy, module.policy, [module.reference.model])
@@ -297,7 +297,7 @@ def test_every_stage_shards_through_the_base_class_and_exports(tokenizer, one_ra
 
     batch = PreferenceCollator(tokenizer.pad_token_id)(EXAMPLES)
     strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None)
-    strategy._device_mesh = {"data_parallel": one_rank_group}
+    strategy._device_mesh = {"data_parallel": one_rank_group, "tensor_parallel": one_rank_group}
     for stage in ("sft", "reward_model"):
         module = _stage(stage, tokenizer)
         with torch.no_grad():

@@ -32,6 +32,7 @@ HARDWARE = {
     "trainer=gpu": ["trainer.accelerator=cpu"],
     "trainer=ddp": CPU,
     "trainer=fsdp": [*CPU, "+trainer.strategy.process_group_backend=gloo"],
+    "trainer=tp_fsdp": [*CPU, "+trainer.strategy.process_group_backend=gloo"],
     "trainer=deepspeed_zero2": CPU,
     "trainer=deepspeed_zero3": CPU,
     "experiment=qlora": ["model.quantization=null"],
@@ -102,6 +103,10 @@ BAD: dict[str, list[Any]] = {
     "trainer.limit_val_batches": [-1, 1.5],
     "trainer.log_every_n_steps": [0],
     "trainer.precision": ["17"],
+    "data.streaming": ["yes"],
+    "data.streaming_val_rows": [0, 2.5],
+    "preemption.signals": [["SIGFOO"], ["SIGUSR1"]],  # the second: requeue_on lists signals not in it
+    "preemption.requeue_on": [["SIGBAR"], ["SIGINT"]],
 }
 
 BOOL = "a bool (Hydra reads true/false)"

@@ -54,8 +54,15 @@ from dpo_lightning.data.datamodule import PreferenceDataModule
 from dpo_lightning.data.report import DataReport, InvalidDataError
 from dpo_lightning.data.sampler import data_parallel_position
 from dpo_lightning.data.tokenize import count_tokenized
-from dpo_lightning.data.validate import Record, normalize_records, parse_json_line, raise_if_invalid
-from dpo_lightning.run.errors import UserError
+from dpo_lightning.data.validate import (
+    Ledger,
+    Record,
+    SplitRows,
+    normalize_records,
+    parse_json_line,
+    raise_if_invalid,
+)
+from dpo_lightning.run.errors import SettingError, UserError, check_number
 
 STATE_KEY = "stream_state"  # batch key carrying the stream's position (removed before training)
 PROBE_ROWS = 256  # training rows checked before any model work
@@ -293,8 +300,7 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
             )
         if self.group_by_length:
             raise UserError("data.group_by_length needs the whole data set: not with data.streaming=true")
-        if val_rows < 1:
-            raise UserError(f"data.streaming_val_rows must be >= 1, got {val_rows}")
+        check_number("streaming_val_rows", val_rows, minimum=1, integer=True)
         self.val_rows = val_rows
         self.shards: list[JsonlShard | DatasetShard] = []
         self.holdout: tuple[int, int] = (0, 0)
@@ -319,10 +325,11 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
         )
         self.reports = {val_report.source: val_report}
         val_rows = normalize_records((r for r, _ in head[: self.val_rows]), self.format, val_report)
-        self.val_set = self._tokenize(val_rows, val_report)
+        self.val_set = self._tokenize(one_part(val_rows, val_report))
         # Fail before any model work on what the first training rows show (format, columns).
         probe = DataReport(source=first.label, unit=first.unit)
-        self._tokenize(normalize_records((r for r, _ in head[self.val_rows :]), self.format, probe), probe)
+        probe_rows = normalize_records((r for r, _ in head[self.val_rows :]), self.format, probe)
+        self._tokenize(one_part(probe_rows, probe))
         raise_if_invalid([val_report, probe], self.on_invalid)
         streamed = f"training rows streamed from {len(self.shards)} shard(s)"
         print(f"[dpo_lightning] data {val_report.summary_line()}; {streamed}")
@@ -359,8 +366,16 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
         return {**{k: r.as_dict() for k, r in self.reports.items()}, **streamed}
 
 
+def one_part(rows: list[dict[str, Any]], report: DataReport) -> SplitRows:
+    """Rows normalised from one source (ids = location - 1), located in its report."""
+    return SplitRows(rows, Ledger(starts=[0], reports=[report]))
+
+
 def datamodule(streaming: bool = False, streaming_val_rows: int = 64, **kwargs: Any) -> PreferenceDataModule:
     """``data._target_``: the in-memory DataModule, or the streaming one with ``streaming``."""
+    if not isinstance(streaming, bool):
+        raise SettingError("streaming", streaming, "true or false")
+    check_number("streaming_val_rows", streaming_val_rows, minimum=1, integer=True)
     if streaming:
         return StreamingPreferenceDataModule(val_rows=streaming_val_rows, **kwargs)
     return PreferenceDataModule(**kwargs)

@@ -2,8 +2,8 @@
 
 Clusters stop jobs from outside. SLURM sends the ``--signal`` a job asked for before its time
 limit (``#SBATCH --signal=USR1@120``; submitit, behind ``launcher=slurm``, asks for USR2) and
-SIGTERM when it pre-empts or cancels it; Kubernetes sends SIGTERM before evicting a pod; a
-torchrun agent SIGTERMs its workers. :class:`Preemption` turns any of ``preemption.signals``
+SIGTERM when it pre-empts or cancels it; Kubernetes sends SIGTERM before evicting a pod; the
+agent of a torchrun job SIGTERMs its workers. :class:`Preemption` turns any of ``preemption.signals``
 into: finish the optimizer step in flight, write ``checkpoints/last.ckpt`` through the run's own
 checkpoint I/O (atomic; config, version, RNG states and data-loader position included, exactly
 what a periodic checkpoint holds), run ``scontrol requeue <job id>`` on rank 0 for a
@@ -39,6 +39,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from dpo_lightning.run.errors import SettingError
+
 #: What the ranks agree on at a step boundary (the largest code of any rank wins).
 NONE, STOP, REQUEUE = 0, 1, 2
 
@@ -57,7 +59,25 @@ def signal_number(name: str | int) -> int:
     try:
         return int(signal.Signals[key])
     except KeyError:
-        raise ValueError(f"preemption: unknown signal {name!r} (e.g. SIGUSR1, SIGUSR2, SIGTERM)") from None
+        allowed = "a signal name (e.g. SIGUSR1, SIGUSR2, SIGTERM)"
+        raise SettingError("preemption.signals", name, allowed) from None
+
+
+def check_preemption(signals: list[str | int], requeue_on: list[str | int]) -> tuple[list[int], set[int]]:
+    """The signal numbers of ``signals`` and ``requeue_on`` (a subset of them), or a one-line
+    :class:`SettingError` (run by ``check_settings`` before any work, and by :class:`Preemption`)."""
+    numbers = [signal_number(s) for s in signals]
+    requeue = set()
+    for name in requeue_on:
+        try:
+            requeue.add(signal_number(name))
+        except SettingError as err:
+            raise err.at("preemption.requeue_on") from None
+    unknown = requeue - set(numbers)
+    if unknown:
+        names = sorted(signal.Signals(s).name for s in unknown)
+        raise SettingError("preemption.requeue_on", names, "signals also listed in preemption.signals")
+    return numbers, requeue
 
 
 def slurm_job_id(env: dict[str, str] | None = None) -> str | None:
@@ -105,12 +125,7 @@ class Preemption(L.Callback):
         requeue_on: list[str | int] = ("SIGUSR1", "SIGUSR2"),
     ) -> None:
         self.dirpath = Path(dirpath)
-        self.signals = [signal_number(s) for s in signals]
-        self.requeue_on = {signal_number(s) for s in requeue_on}
-        unknown = self.requeue_on - set(self.signals)
-        if unknown:
-            names = sorted(signal.Signals(s).name for s in unknown)
-            raise ValueError(f"preemption.requeue_on {names} must also be in preemption.signals")
+        self.signals, self.requeue_on = check_preemption(list(signals), list(requeue_on))
         self.received: int | None = None
         self._active = False
         self._previous: dict[int, Any] = {}  # the handlers found before ours

@@ -34,6 +34,7 @@ from dpo_lightning.models.loading import check_model_args
 from dpo_lightning.models.lora import check_lora, lora_args
 from dpo_lightning.reference import CopyReference
 from dpo_lightning.run.errors import ConfigError, SettingError, UserError, check_number
+from dpo_lightning.run.preemption import check_preemption
 
 _MISSING = object()
 
@@ -128,6 +129,8 @@ def check_settings(cfg: DictConfig) -> None:
         keyed("model", lambda: check_model_args(**OmegaConf.to_container(model, resolve=True)))
         if model.get("lora"):
             keyed("model.lora", lambda: check_lora(**lora_args(OmegaConf.to_container(model.lora))))
+    if cfg.get("preemption") is not None:
+        check_preemption(list(cfg.preemption.signals), list(cfg.preemption.requeue_on))
     _check_optim(cfg)
     _check_stage_parts(cfg)
 
