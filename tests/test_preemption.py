@@ -99,10 +99,14 @@ def test_signal_inside_an_accumulation_window_waits_for_the_optimizer_step(tmp_p
 
 
 def test_requeue_needs_a_signal_that_is_caught():
-    with pytest.raises(ValueError, match=r"requeue_on \['SIGUSR1'\] must also be in preemption.signals"):
+    from dpo_lightning.run.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"^preemption.requeue_on=\['SIGUSR1'\]: must be signals"):
         Preemption("ckpts", signals=["SIGTERM"], requeue_on=["USR1"])
-    with pytest.raises(ValueError, match="unknown signal 'SIGUSR3'"):
+    with pytest.raises(SettingError, match=r"^preemption.signals='SIGUSR3': must be a signal name"):
         Preemption("ckpts", signals=["SIGUSR3"])
+    with pytest.raises(SettingError, match=r"^preemption.requeue_on='USR9': must be a signal name"):
+        Preemption("ckpts", signals=["SIGTERM"], requeue_on=["USR9"])
 
 
 def test_slurm_job_ids():
