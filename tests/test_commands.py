@@ -291,7 +291,7 @@ def test_hardware_commands_compose_and_are_refused_only_for_the_hardware(cmd, st
         from hydra import compose as hcompose
         from hydra import initialize_config_dir
 
-        from dpo_lightning.sentiment.pipeline import check_pipeline
+        from dpo_lightning.sentiment.stages import check_pipeline
 
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = hcompose("sentiment", overrides=[*cmd.argv[1:], f"paths.output_dir={tmp_path}"])

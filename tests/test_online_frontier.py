@@ -94,7 +94,7 @@ def test_online_runs_compose_with_the_budget(pipeline, tmp_path):
     from pathlib import Path
 
     from dpo_lightning.sentiment.online import online_overrides, reward_setting
-    from dpo_lightning.sentiment.pipeline import compose_train_config
+    from dpo_lightning.sentiment.stages import compose_train_config
 
     cfg = compose_pipeline([f"pipeline={pipeline}"], tmp_path)
     assert list(cfg.online.betas) == list(cfg.dpo.betas)

@@ -32,7 +32,7 @@ def compose_pipeline(overrides: list[str], run_dir: Path):
 @pytest.mark.parametrize("pipeline", ["miniature", "paper"])
 def test_pipeline_configs_compose_with_their_training_overrides(pipeline, tmp_path):
     """Every stage's dpo-train override list composes against conf/train.yaml."""
-    from dpo_lightning.sentiment.pipeline import compose_train_config
+    from dpo_lightning.sentiment.stages import compose_train_config
 
     cfg = compose_pipeline([f"pipeline={pipeline}"], tmp_path)
     paths = [

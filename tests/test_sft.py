@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.data.formats import TextFormat
-from dpo_lightning.sentiment.pipeline import compose_train_config
+from dpo_lightning.sentiment.stages import compose_train_config
 from dpo_lightning.stages.sft import SFTModule, sft_rows, token_nll
 from dpo_lightning.train import train
 from tests.conftest import compose, make_tiny_model

@@ -4,8 +4,9 @@ The packed engine gives the padded engine's log-probs, losses and gradients (``t
 at a fraction of the work, so it is the default whenever it can run. It cannot when
 
 * a component that reads the batches needs one padded row per completion — the stage
-  (``stage=reward_model`` reads each row's last token) or the reference strategy
-  (``reference=precomputed``): each is asked :meth:`~.base.BatchReader.padded_rows_reason`;
+  (``stage=reward_model`` reads each row's last token) or a reference strategy (none of the
+  shipped ones does: ``reference=precomputed`` keys its cache by completion content): each is
+  asked :meth:`~.base.BatchReader.padded_rows_reason`;
 * the data asks for a padding side (``data.padding_side=left``): there is one packed row;
 * the model is not one it runs exactly: :meth:`~.packed.PackedEngine.unsupported` (no decoder /
   head accessors, an attention that cannot take the packed mask, a probe batch that disagrees).
