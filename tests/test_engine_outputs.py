@@ -109,3 +109,19 @@ def test_packed_head_never_sees_more_than_a_chunk():
     rows.clear()
     engine(model, EngineBatch(engine.collator(0)(ex), outputs=frozenset({"token_logps"})))
     assert rows == []
+
+
+def test_softcapped_model_optional_outputs_packed_equal_padded():
+    """Gemma-2's final-logit soft-capping: the packed head applies it per chunk to every optional
+    output too (WPO's Σ log Σ p², per-token log-probs, token metrics), as the padded model does."""
+    from dpo_lightning.engine.logps import TOKEN_METRICS
+    from tests.test_engine_auto import _gemma2
+
+    model = _gemma2().requires_grad_(False)
+    ex = _examples((2, 3, 2), seed=7)
+    every = BOTH | {TOKEN_METRICS}
+    padded = PaddedEngine()(model, EngineBatch(PreferenceCollator(0)(ex), outputs=every))
+    packed_engine = PackedEngine(chunk_size=4)
+    packed = packed_engine(model, EngineBatch(packed_engine.collator(0)(ex), outputs=every))
+    for name in ("logps", "token_logps", "log_sum_sq_probs", "mean_logits", "entropy", "top1"):
+        torch.testing.assert_close(getattr(packed, name), getattr(padded, name), atol=1e-5, rtol=1e-5)
