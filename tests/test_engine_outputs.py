@@ -97,18 +97,19 @@ def test_packed_ld_dpo_and_wpo_steps_equal_padded(loss, ks):
 
 def test_packed_head_never_sees_more_than_a_chunk():
     """The only head calls the optional outputs add are (chunk, V) blocks under no_grad; the
-    per-token log-probs are the chunked head's own output (no call to the head module at all)."""
+    per-token log-probs are the chunked head's own output (the model's own forward calls the head
+    module on no position at all: ``logits_to_keep`` is empty)."""
     model = make_tiny_model(V).requires_grad_(False)
     head = model.get_output_embeddings()
     rows = []
-    head.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+    head.register_forward_hook(lambda mod, args, out: rows.append(out.reshape(-1, out.shape[-1]).shape[0]))
     engine = PackedEngine(chunk_size=3)
     ex = _examples((3, 3, 2), seed=6)
     stats = engine(model, EngineBatch(engine.collator(0)(ex), outputs=BOTH))
     assert int(stats.lengths.sum()) > 3 and rows and max(rows) <= 3
     rows.clear()
     engine(model, EngineBatch(engine.collator(0)(ex), outputs=frozenset({"token_logps"})))
-    assert rows == []
+    assert rows == [0]  # the model's forward, on no position
 
 
 def test_softcapped_model_optional_outputs_packed_equal_padded():

@@ -109,12 +109,7 @@ class PackedEngine(ForwardEngine):
             ("packed_attention", impl, dtype),
             lambda: packed_attention_kwargs(impl, data["doc_ids"], data["branch_ids"], dtype),
         )
-        hidden = model.get_decoder()(
-            input_ids=data["input_ids"],
-            position_ids=data["position_ids"],
-            use_cache=False,
-            **attention,
-        ).last_hidden_state[0]  # (N, H)
+        hidden = decoder_hidden_states(model, data["input_ids"], data["position_ids"], attention)[0]  # (N, H)
         predicting = hidden.index_select(0, data["logit_index"])  # (M, H)
         head, transform = model.get_output_embeddings(), transform_from_config(model.config)
         tokens = head_token_stats(
@@ -140,6 +135,36 @@ class PackedEngine(ForwardEngine):
         if self.attn_implementation and model.config._attn_implementation != self.attn_implementation:
             model.set_attn_implementation(self.attn_implementation)
         return model.config._attn_implementation
+
+
+def decoder_hidden_states(
+    model: nn.Module, input_ids: Tensor, position_ids: Tensor, attention: dict[str, Any]
+) -> Tensor:
+    """(1, N, H): the decoder's last hidden state on the packed row, from the model's own forward.
+
+    The whole model runs, not ``model.get_decoder()`` alone: wrappers hook the root module, and
+    FSDP2 gathers the root's parameters there (embeddings, final norm, LM head) and registers
+    their gradient reduction; TP and PEFT forward through it too. ``logits_to_keep`` with no
+    position makes the model's head compute nothing (a (1, 0, V) output); the chunked head then
+    runs on the captured hidden state.
+    """
+    captured: list[Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, output: Any) -> None:
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = model.get_decoder().register_forward_hook(keep)
+    try:
+        model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=torch.zeros(0, dtype=torch.long, device=input_ids.device),
+            **attention,
+        )
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def segment_stats(tokens: TokenStats, completion_index: Tensor, num: int) -> CompletionStats:

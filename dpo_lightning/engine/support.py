@@ -14,6 +14,7 @@ skipped for a model whose weights are not materialised (meta device).
 
 from __future__ import annotations
 
+import inspect
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,12 @@ def sliding_window_of(config: Any) -> int | None:
     return int(window)
 
 
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (a PEFT wrapper: its base model's)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def static_unsupported(model: nn.Module, attn_implementation: str | None) -> str | None:
     """What the packed engine cannot do for ``model``, read from its structure and config."""
     if not callable(getattr(model, "get_decoder", None)) or not callable(
@@ -52,6 +59,8 @@ def static_unsupported(model: nn.Module, attn_implementation: str | None) -> str
         return f"{type(model).__name__} has no get_decoder()/get_output_embeddings()"
     if model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no output embeddings (LM head)"
+    if not accepts_logits_to_keep(model):
+        return f"{type(model).__name__}.forward takes no logits_to_keep (the head would run on every token)"
     config = model.config
     impl = attn_implementation or config._attn_implementation
     if impl not in PACKED_ATTENTION:

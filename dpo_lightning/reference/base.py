@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dpo_lightning.engine import CompletionStats, EngineBatch, ForwardEngine
+from dpo_lightning.models.parallel import is_sharded
 from dpo_lightning.run.errors import ConfigError
 
 
@@ -131,8 +132,13 @@ def check_pairing(loss: Any, strategy: ReferenceStrategy) -> None:
 def frozen_forward(engine: ForwardEngine, model: nn.Module, batch: EngineBatch) -> CompletionStats:
     """``engine(model, batch)`` under ``torch.inference_mode`` (no autograd state, no version
     counters: the cheapest forward torch has), its (B,) outputs returned as ordinary tensors so a
-    loss may save them for its backward."""
-    with torch.inference_mode():
+    loss may save them for its backward.
+
+    A sharded model (FSDP2, TP: DTensor parameters) runs under ``no_grad`` instead: FSDP2's
+    all-gather buffers need version counters (torch 2.13 under TP + FSDP2: "Inference tensors do
+    not track version counter").
+    """
+    with torch.no_grad(), torch.inference_mode(not is_sharded(model)):
         stats = engine(model, batch)
     values = {f.name: getattr(stats, f.name) for f in fields(stats)}
     return CompletionStats(**{k: None if v is None else v.clone() for k, v in values.items()})
