@@ -179,6 +179,8 @@ def rewrite(cmd: Command, stand: StandIns, workdir: Path) -> list[str]:
         arg = re.sub(r"trainer\.max_steps=\d+", f"trainer.max_steps={STEPS}", arg)
         arg = re.sub(r"step\d+\.ckpt", f"step{STEPS}.ckpt", arg)
         arg = re.sub(r"every_n_train_steps=\d+", "every_n_train_steps=1", arg)
+        if out and out[-1] == "--model" and not Path(arg).is_dir():  # the benchmark's local model
+            arg = str(stand.model)
         key, _, value = arg.partition("=")
         if key == "model.name_or_path":
             arg = f"{key}={stand.model_path(value, workdir)}"

@@ -93,11 +93,11 @@ def test_bench_runs_a_local_model_folder_with_both_engines(tmp_path, capsys):
 @pytest.mark.slow
 def test_bench_smollm2_shape_with_a_precomputed_reference(capsys):
     """The SmolLM2-135M shape itself (random init), dpo_lightning only, ``--reference
-    precomputed`` on padded rows (its cache is keyed by them): one step, no reference forward in
-    the executed FLOPs (6N, not 8N)."""
+    precomputed`` on packed rows (its cache is keyed by completion content): one step, and the
+    executed FLOPs below the workload's (prompt once, no padding, no reference forward)."""
     from dpo_lightning.bench import main
 
-    args = "--shape smollm2-135m --engines dpo_lightning --reference precomputed --no-packing --steps 1"
+    args = "--shape smollm2-135m --engines dpo_lightning --reference precomputed --steps 1"
     args += " --warmup 0"
     main(args.split())
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -157,6 +157,7 @@ CLI_RUNS = {
         "data=kto_mix",
         f"data.path={FIXTURES / 'kto_mix.jsonl'}",
         "data.max_length=128",
+        "data.max_prompt_length=64",  # the preset's 512 must stay below max_length
     ],
     "bco_conversational": [
         "loss=bco",
@@ -172,6 +173,7 @@ CLI_RUNS = {
         "data=ultrafeedback",
         f"data.path={FIXTURES / 'ultrafeedback.jsonl'}",
         "data.max_length=128",
+        "data.max_prompt_length=64",  # the preset's 512 must stay below max_length
         "engine=packed",
     ],
     "wpo_ipo": ["loss=ipo", "weighting=wpo", "data=imdb", f"data.path={FIXTURES / 'imdb.jsonl'}"],

@@ -41,6 +41,7 @@ def reference_args(folders: Path, *extra: str) -> list[str]:
         f"model.name_or_path={folders / 'policy'}",
         "reference=model",
         f"reference.name_or_path={folders / 'sft'}",
+        "data.max_length=256",  # the folders' models have 256 positions
         *extra,
     ]
 

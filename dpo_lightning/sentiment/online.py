@@ -50,6 +50,7 @@ def online_overrides(cfg: DictConfig, sft: Path, prompts: Path, beta: float, n_p
         "online.generation.top_k=0",  # as the offline sampler: from π itself
         "online.generation.top_p=1.0",
         f"trainer.max_steps={math.ceil(n_prompts / batch)}",
+        "trainer.log_every_n_steps=1",  # the report reads every step's row (generation rate, ties)
     ]
 
 
