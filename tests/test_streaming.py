@@ -235,4 +235,11 @@ def test_two_ranks_two_workers_every_row_once_and_exact_resume_after_a_kill(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical weights
     assert metrics(run_dir) == metrics(whole)  # the same metric history, every step once
     resumed = json.loads((run_dir / "summary.json").read_text())
-    assert resumed["data"] == summary["data"]  # the same rows read, dropped and kept
+
+    # The same rows read, dropped and kept. Whether this process tokenised the validation rows
+    # itself or found the killed run's tokenisation in the cache is no row count: set aside.
+    def rows(run: dict) -> dict:
+        return {k: {f: n for f, n in v.items() if f != "tokenize_cache"} for k, v in run["data"].items()}
+
+    assert rows(resumed) == rows(summary)
+    assert [v["tokenize_cache"] for k, v in resumed["data"].items() if "validation" in k] == ["hit"]
