@@ -107,7 +107,11 @@ def _id(cmd: Command) -> str:
 @pytest.fixture(scope="module")
 def stand(tmp_path_factory) -> StandIns:
     root = tmp_path_factory.mktemp("standins")
+    for k in range(2):  # data.streaming=true: a folder of shards, more rows than streaming_val_rows
+        write_pairs(root / "shards" / f"part-{k:02d}.jsonl", n=96)
     files = {
+        "shards": root / "shards",
+        "pairs": root / "shards",
         "pairs.jsonl": write_pairs(root / "pairs.jsonl"),
         "data.jsonl": write_pairs(root / "data.jsonl"),
         "qa.jsonl": write_pairs(

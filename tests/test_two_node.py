@@ -47,8 +47,9 @@ TIMEOUT_S = 400
 #: torch 2.13's c10d rendezvous shares one TCPStore server with the workers for the agent's
 #: whole life (pytorch/pytorch#135712): after a restart the workers find the previous attempt's
 #: keys, and a rank may read its peer's old gloo address before the peer writes the new one
-#: ("Connection refused" in ``connectFullMesh``; seen here about one restart in two). Opting
-#: out gives every round a fresh store, hosted by rank 0's worker. Documented in the README.
+#: ("Connection refused" in ``connectFullMesh``, or both ranks hung in process-group init:
+#: 4 of 6 restarts here without it, 0 of 6 with it). Opting out gives every round a fresh
+#: store, hosted by rank 0's worker. Documented in the README and ``dpo_lightning.run.restarts``.
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 

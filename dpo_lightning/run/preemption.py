@@ -2,8 +2,8 @@
 
 Clusters stop jobs from outside. SLURM sends the ``--signal`` a job asked for before its time
 limit (``#SBATCH --signal=USR1@120``; submitit, behind ``launcher=slurm``, asks for USR2) and
-SIGTERM when it pre-empts or cancels it; Kubernetes sends SIGTERM before evicting a pod; a
-torchrun agent SIGTERMs its workers. :class:`Preemption` turns any of ``preemption.signals``
+SIGTERM when it pre-empts or cancels it; Kubernetes sends SIGTERM before evicting a pod; the
+agent of torchrun SIGTERMs its workers. :class:`Preemption` turns any of ``preemption.signals``
 into: finish the optimizer step in flight, write ``checkpoints/last.ckpt`` through the run's own
 checkpoint I/O (atomic; config, version, RNG states and data-loader position included, exactly
 what a periodic checkpoint holds), run ``scontrol requeue <job id>`` on rank 0 for a

@@ -19,8 +19,8 @@ Detected restarts:
 
 The run directory must be shared by every node (the checkpoint is read by all ranks).
 
-torchrun must be started with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for its restarts to
-reconnect reliably: with the c10d rendezvous, torch (2.4 to 2.13 at least) gives the workers one
+Start torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for its restarts to reconnect
+reliably: with the c10d rendezvous, torch (2.4 to 2.13 at least) gives the workers one
 TCPStore server for the agent's whole life, so restarted workers find the keys of the previous
 attempt and a rank can read its peer's old address before the peer writes the new one (gloo:
 "Connection refused" in ``connectFullMesh``; NCCL: the old unique id; pytorch/pytorch#135712).
