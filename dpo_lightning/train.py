@@ -8,6 +8,7 @@
     dpo-train hydra.run.dir=runs/a resume=true   # continue runs/a from checkpoints/last.ckpt
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:PORT --max-restarts 3 \
         -m dpo_lightning.train trainer=fsdp trainer.num_nodes=2 hydra.run.dir=/shared/run   # restarts resume
+        # (with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 exported on every node: dpo_lightning.run.restarts)
     dpo-train export.push_to_hub=true export.repo_id=me/tiny-dpo  # hf_model/ to the hub at the end
 
 :func:`train` reads top to bottom: preflight → seed → tokenizer → engine → data → callbacks/loggers

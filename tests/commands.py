@@ -198,11 +198,11 @@ def rewrite(cmd: Command, stand: StandIns, workdir: Path) -> list[str]:
         if value in TORCHRUN:
             arg = f"{key}={TORCHRUN[value]}"
         out.append(TORCHRUN.get(arg, arg))
-    if "data.streaming=true" in out and not any(a.startswith("data.streaming_val_rows=") for a in out):
-        out.append("data.streaming_val_rows=4")  # the stand-in shards are small
     data = [a.split("=", 1)[1] for a in out if a.startswith("data=")]
     if data and data[0] in presets and not any(a.startswith("data.path=") for a in out):
         out.append(f"data.path={REPO / 'tests' / 'fixtures' / f'{data[0]}.jsonl'}")  # the hub set, locally
+    if "data.streaming=true" in out and not any(a.startswith("data.streaming_val_rows=") for a in out):
+        out.append("data.streaming_val_rows=8")  # the fixtures stand in for the hub with 24 rows
     return out
 
 

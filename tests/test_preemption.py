@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from dpo_lightning.run.preemption import Preempted, Preemption, signal_number, slurm_job_id
-from dpo_lightning.run.restarts import detected_restart, restart_counted
+from dpo_lightning.run.restarts import detected_restart, restart_counted, shared_store_warning
 from tests.conftest import REPO, _fault_overrides
 from tests.test_resume import ARGS, ENV, _assert_same_run, _weights
 
@@ -127,6 +127,14 @@ def test_restart_detection(tmp_path, monkeypatch):
     assert "started this run before" in detected_restart(tmp_path, env)
     assert detected_restart(tmp_path, {**env, "TORCHELASTIC_RUN_ID": "job8"}) is None  # another job
     assert detected_restart(tmp_path, {}) is None  # no scheduler at all
+
+
+def test_restartable_torchrun_with_a_shared_store_is_warned():
+    shared = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in shared_store_warning(shared)
+    assert shared_store_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None  # opted out
+    assert shared_store_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None  # cannot restart
+    assert shared_store_warning({}) is None  # not under torchrun
 
 
 # -- the SLURM story end to end ----------------------------------------------------------------

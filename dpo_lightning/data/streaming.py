@@ -166,6 +166,11 @@ class StreamingPreferences(IterableDataset):
     def streams(self) -> int:
         return self.replicas * self.workers
 
+    @property
+    def own_streams(self) -> range:
+        """The stream ids this rank's workers run (worker ``w`` runs ``rank * workers + w``)."""
+        return range(self.rank * self.workers, (self.rank + 1) * self.workers)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         stream = self.rank * self.workers + (info.id if info is not None else 0)
@@ -252,7 +257,7 @@ class StreamingLoader(DataLoader):
     def __init__(self, dataset: StreamingPreferences, length: int, **kwargs: Any) -> None:
         super().__init__(dataset, batch_size=None, **kwargs)
         self.length = length
-        self.states: dict[int, dict[str, Any]] = dict(dataset.start)
+        self.states: dict[int, dict[str, Any]] = self._own(dataset.start)
 
     def __len__(self) -> int:
         return self.length
@@ -279,8 +284,14 @@ class StreamingLoader(DataLoader):
                 f"workers), this run has {self.dataset.streams}: resume with the same devices and "
                 "data.num_workers"
             )
-        self.states = {int(k): v for k, v in state_dict["states"].items()}
+        # Only this rank's streams: a copy of another rank's, frozen at the checkpoint, would
+        # override that rank's newer state in the next gather (later ranks win the merge), so a
+        # later checkpoint and summary.json would get the older position and counts.
+        self.states = self._own({int(k): v for k, v in state_dict["states"].items()})
         self.dataset.start = dict(self.states)  # read by the workers the next iterator starts
+
+    def _own(self, states: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        return {k: v for k, v in states.items() if k in self.dataset.own_streams}
 
 
 # -- the DataModule ----------------------------------------------------------------------------
@@ -324,17 +335,20 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
             source=f"{first.label} (first {self.val_rows} rows: validation)", unit=first.unit
         )
         self.reports = {val_report.source: val_report}
-        val_rows = normalize_records((r for r, _ in head[: self.val_rows]), self.format, val_report)
-        self.val_set = self._tokenize(one_part(val_rows, val_report))
+        self.val_set = self._tokenize(self._read((r for r, _ in head[: self.val_rows]), val_report))
         # Fail before any model work on what the first training rows show (format, columns).
         probe = DataReport(source=first.label, unit=first.unit)
-        probe_rows = normalize_records((r for r, _ in head[self.val_rows :]), self.format, probe)
-        self._tokenize(one_part(probe_rows, probe))
+        self._tokenize(self._read((r for r, _ in head[self.val_rows :]), probe))
         raise_if_invalid([val_report, probe], self.on_invalid)
         streamed = f"training rows streamed from {len(self.shards)} shard(s)"
         print(f"[dpo_lightning] data {val_report.summary_line()}; {streamed}")
         if len(self.val_set) == 0:
             raise ValueError("data: no usable rows left for validation; see the counts above")
+
+    def _read(self, records: Iterator[Record], report: DataReport) -> SplitRows:
+        """``records`` validated into ``report``, with the ledger that locates their rows in it."""
+        ledger = Ledger()
+        return SplitRows(ledger.read(records, self.format, report), ledger)
 
     def train_dataloader(self) -> StreamingLoader:
         trainer = self.trainer
@@ -364,11 +378,6 @@ class StreamingPreferenceDataModule(PreferenceDataModule):
                 add_report_state(shards[label], counts)
         streamed = {k: r.as_dict() for k, r in shards.items() if r.rows_in}
         return {**{k: r.as_dict() for k, r in self.reports.items()}, **streamed}
-
-
-def one_part(rows: list[dict[str, Any]], report: DataReport) -> SplitRows:
-    """Rows normalised from one source (ids = location - 1), located in its report."""
-    return SplitRows(rows, Ledger(starts=[0], reports=[report]))
 
 
 def datamodule(streaming: bool = False, streaming_val_rows: int = 64, **kwargs: Any) -> PreferenceDataModule:

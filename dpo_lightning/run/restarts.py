@@ -18,6 +18,14 @@ Detected restarts:
   new ``torchrun`` on the same run directory is a new start, not a restart.
 
 The run directory must be shared by every node (the checkpoint is read by all ranks).
+
+Start torchrun with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for its restarts to reconnect
+reliably: with the c10d rendezvous, torch (2.4 to 2.13 at least) gives the workers one
+TCPStore server for the agent's whole life, so restarted workers find the keys of the previous
+attempt and a rank can read its peer's old address before the peer writes the new one (gloo:
+"Connection refused" in ``connectFullMesh``; NCCL: the old unique id; pytorch/pytorch#135712).
+The variable gives every rendezvous round a fresh store. A job that can restart without it is
+warned at its start (:func:`shared_store_warning`).
 """
 
 from __future__ import annotations
@@ -74,9 +82,28 @@ def detected_restart(run_dir: Path, env: dict[str, str] | None = None) -> str | 
     return counted or ("torchrun restart (this agent's workers started this run before)" if seen else None)
 
 
+def shared_store_warning(env: dict[str, str] | None = None) -> str | None:
+    """The warning for a torchrun job that can restart while its workers share the agent's
+    TCPStore (module docstring), or None."""
+    env = os.environ if env is None else env
+    restarts = env.get("TORCHELASTIC_MAX_RESTARTS", "").strip()
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not (restarts.isdigit() and int(restarts) > 0):
+        return None
+    return (
+        f"[dpo_lightning] warning: torchrun --max-restarts {restarts} shares its rendezvous TCPStore "
+        "with the workers (TORCHELASTIC_USE_AGENT_STORE=True): restarted workers can read the "
+        "previous attempt's addresses and fail to connect (pytorch/pytorch#135712); start torchrun "
+        "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node"
+    )
+
+
 def resume_if_restarted(cfg: DictConfig) -> str | None:
     """Set ``resume=true`` on a detected restart with a checkpoint to continue from (see the
-    module docstring); returns the reason, or None when nothing changed."""
+    module docstring); returns the reason, or None when nothing changed. Prints
+    :func:`shared_store_warning` once per node (local rank 0)."""
+    warning = shared_store_warning()
+    if warning and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(warning, flush=True)
     if cfg.get("resume") or cfg.get("ckpt_path"):
         return None
     run_dir = Path(cfg.paths.output_dir)
