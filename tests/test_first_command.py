@@ -123,3 +123,25 @@ def test_tokenizer_larger_than_the_embedding_is_refused(models, tmp_path, capsys
         [f"model.name_or_path={models[300]}", f"model.tokenizer={models[600]}"], tmp_path / "run", capsys
     )
     assert "the tokenizer has 600 tokens but the model's embedding has 300 rows" in line
+
+
+def test_a_gemma2_folder_trains_packed_with_model_hf_defaults(tmp_path, caplog):
+    """Gemma-2 refuses SDPA in transformers 5.24: ``model.attn_implementation`` defaults to the
+    model's own choice, so a soft-capped, sliding-window checkpoint trains with no other setting
+    (packed: the engine switches it to per-document attention)."""
+    import logging
+
+    from dpo_lightning.models.tokenizers import train_bpe_tokenizer
+    from tests.test_engine_auto import _gemma2
+
+    folder = tmp_path / "gemma2"
+    tok = train_bpe_tokenizer(["a b c d e f g h", "good bad fine great awful"] * 50, 300)
+    model = _gemma2(max_position_embeddings=512)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        args = ["model=hf", f"model.name_or_path={folder}", "data.max_length=256"]
+        summary = _train(args, tmp_path / "run")
+    assert summary["steps"] == 2
+    assert "engine=auto: packed rows (padding-free, prefix sharing, chunked LM head)" in caplog.text

@@ -122,7 +122,10 @@ def list_shards(path: str, name: str | None, split: str) -> list[JsonlShard | Da
         raise UserError(f"data.streaming=true reads .jsonl files or folders, not {local.name}: convert it")
     import datasets
 
-    ds = datasets.load_dataset(path, name, split=split, streaming=True)
+    try:
+        ds = datasets.load_dataset(path, name, split=split, streaming=True)
+    except (datasets.data_files.EmptyDatasetError, datasets.exceptions.DataFilesNotFoundError) as err:
+        raise UserError(f"data.path={path}: {' '.join(str(err).split())}; give .jsonl shards") from err
     return [DatasetShard(ds, i, f"{path}[{split}]") for i in range(ds.n_shards)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -12,10 +13,19 @@ from dpo_lightning.run.errors import ConfigError, check_choice
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def check_model_args(dtype: str = "float32", quantization: dict[str, Any] | None = None, **_: Any) -> None:
+#: ``model.*`` keys read before loading (``train.build_policy``: the tokenizer and the adapter).
+POLICY_KEYS = {"tokenizer", "config_tokenizer", "lora"}
+
+
+def check_model_args(dtype: str = "float32", quantization: dict[str, Any] | None = None, **rest: Any) -> None:
     """What loading the model would refuse, checked before anything is loaded (``train.py``'s
     preflight; :func:`load_causal_lm` checks the dtype itself, quantization is left to
-    bitsandbytes there)."""
+    bitsandbytes there). A key nothing reads is refused as ``TypeError`` (Python's own wording, which
+    the preflight turns into one line naming it)."""
+    known = set(inspect.signature(load_causal_lm).parameters) | POLICY_KEYS
+    for key in rest:
+        if key not in known:
+            raise TypeError(f"check_model_args() got an unexpected keyword argument '{key}'")
     check_choice("dtype", dtype, DTYPES)
     if quantization and not torch.cuda.is_available():
         raise ConfigError(

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpo_lightning.run.checkpointing import AtomicCheckpointIO, ResumeState
 from dpo_lightning.run.guards import FiniteValidation, NonFiniteGuard
@@ -30,7 +30,7 @@ def reliability_callbacks(cfg: DictConfig) -> list[L.Callback]:
     ``resume_on_changed_data``), the non-finite guards (training steps, final validation), and the
     pre-emption handler (``preemption.*``; it writes ``<run dir>/checkpoints/last.ckpt``)."""
     train_cfg = cfg.get("train") or {}
-    preemption = dict(cfg.get("preemption") or {})
+    preemption = OmegaConf.to_container(cfg.preemption, resolve=True) if cfg.get("preemption") else {}
     return [
         AtomicCheckpoints(),
         ResumeState(run_config(cfg), allow_changed_data=bool(cfg.get("resume_on_changed_data"))),

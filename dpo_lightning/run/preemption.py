@@ -63,10 +63,21 @@ def signal_number(name: str | int) -> int:
         raise SettingError("preemption.signals", name, allowed) from None
 
 
-def check_preemption(signals: list[str | int], requeue_on: list[str | int]) -> tuple[list[int], set[int]]:
+#: Signals no process can catch: a handler for them cannot be installed.
+UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def check_preemption(signals: Any, requeue_on: Any) -> tuple[list[int], set[int]]:
     """The signal numbers of ``signals`` and ``requeue_on`` (a subset of them), or a one-line
     :class:`SettingError` (run by ``check_settings`` before any work, and by :class:`Preemption`)."""
+    for key, value in (("preemption.signals", signals), ("preemption.requeue_on", requeue_on)):
+        if not isinstance(value, list | tuple):
+            raise SettingError(key, value, "a list of signal names, e.g. [SIGUSR1, SIGTERM] ([] for none)")
     numbers = [signal_number(s) for s in signals]
+    caught = [signal.Signals(n).name for n in numbers if n in UNCATCHABLE]
+    if caught:
+        allowed = "signals a process can catch (not SIGKILL / SIGSTOP)"
+        raise SettingError("preemption.signals", caught, allowed)
     requeue = set()
     for name in requeue_on:
         try:
@@ -125,7 +136,7 @@ class Preemption(L.Callback):
         requeue_on: list[str | int] = ("SIGUSR1", "SIGUSR2"),
     ) -> None:
         self.dirpath = Path(dirpath)
-        self.signals, self.requeue_on = check_preemption(list(signals), list(requeue_on))
+        self.signals, self.requeue_on = check_preemption(signals, requeue_on)
         self.received: int | None = None
         self._active = False
         self._previous: dict[int, Any] = {}  # the handlers found before ours
@@ -202,9 +213,10 @@ class Preemption(L.Callback):
                 flush=True,
             )
         # Lightning still logs this step's metrics and runs a validation due now (a run resumed
-        # from a checkpoint written here skips both), then stops the loop; exit at epoch end.
+        # from a checkpoint written here skips both); the exit comes at the next batch (or epoch
+        # end). Not ``trainer.should_stop``: Lightning validates whenever it stops early, so a
+        # validation nobody scheduled would enter the metric history the resumed run continues.
         self._exit_code = 128 + signum
-        trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._exit_if_stopped(trainer)
@@ -212,7 +224,7 @@ class Preemption(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._exit_if_stopped(trainer)  # should_stop is ignored before trainer.min_steps
+        self._exit_if_stopped(trainer)  # the first batch after the pre-emption checkpoint
 
     def _exit_if_stopped(self, trainer: L.Trainer) -> None:
         if self._exit_code is not None:

@@ -21,6 +21,7 @@ Where a setting is checked depends on who declares it, and nothing is checked tw
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -130,9 +131,19 @@ def check_settings(cfg: DictConfig) -> None:
         if model.get("lora"):
             keyed("model.lora", lambda: check_lora(**lora_args(OmegaConf.to_container(model.lora))))
     if cfg.get("preemption") is not None:
-        check_preemption(list(cfg.preemption.signals), list(cfg.preemption.requeue_on))
+        check_preemption(_plain(cfg.preemption.signals), _plain(cfg.preemption.requeue_on))
+    if OmegaConf.select(cfg, "data.streaming") is True:
+        _check_streaming(cfg)
     _check_optim(cfg)
     _check_stage_parts(cfg)
+
+
+def _check_streaming(cfg: DictConfig) -> None:
+    """What a stream cannot do, refused before the tokenizer and model: it has no length."""
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        allowed, why = "an integer ≥ 1 with data.streaming=true", "a stream has no epoch length"
+        raise SettingError("trainer.max_steps", steps, allowed, why)
 
 
 def _check_optim(cfg: DictConfig) -> None:
@@ -161,6 +172,11 @@ def _check_stage_parts(cfg: DictConfig) -> None:
     strategy = build(cfg, "reference") if cfg.get("reference") is not None else CopyReference()
     strategy = strategy.for_loss(loss)
     strategy.check_policy((cfg.get("model") or {}).get("lora"))
+    if OmegaConf.select(cfg, "data.streaming") is True and not strategy.live:
+        raise ConfigError(
+            f"reference={type(strategy).__name__} reads the whole data set before training: not with "
+            "data.streaming=true (a stream is read once, as it trains); use reference=copy"
+        )
 
 
 # -- building with full keys ---------------------------------------------------------------------------
@@ -172,9 +188,20 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except Exception as err:
         setting = _cause(err, SettingError)
-        if setting is None:
-            raise
-        raise setting.at(full_key(node, key, setting)) from err
+        if setting is not None:
+            raise setting.at(full_key(node, key, setting)) from err
+        unknown = _unknown_argument(_cause(err, TypeError))
+        if unknown is not None:  # a key added with +<key>.<name>=... that the class does not take
+            known = ", ".join(sorted(k for k in node if not str(k).startswith("_")))
+            message = f"{key}.{unknown}: not a setting of {key}; remove it (its settings: {known})"
+            raise ConfigError(message) from err
+        raise
+
+
+def _unknown_argument(err: TypeError | None) -> str | None:
+    """The keyword a constructor refused (``... got an unexpected keyword argument 'x'``), or None."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(err)) if err is not None else None
+    return found.group(1) if found else None
 
 
 def keyed(prefix: str, fn: Callable[[], Any]) -> Any:
@@ -183,6 +210,11 @@ def keyed(prefix: str, fn: Callable[[], Any]) -> Any:
         return fn()
     except SettingError as err:
         raise err.at(f"{prefix}.{err.key}") from err
+    except TypeError as err:  # an argument check given a key its function does not take
+        unknown = _unknown_argument(err)
+        if unknown is None:
+            raise
+        raise ConfigError(f"{prefix}.{unknown}: not a setting of {prefix}; remove it") from err
 
 
 def build_trainer(cfg: DictConfig, **kwargs: Any) -> Any:
