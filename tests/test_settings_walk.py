@@ -92,6 +92,8 @@ BAD: dict[str, list[Any]] = {
     "scheduler.name": ["cosin"],
     "scheduler.num_warmup_steps": [-1],
     "engine.chunk_size": [0],
+    "engine.compile": ["yes"],
+    "engine.prefix_sharing": ["maybe"],
     "engine.attn_implementation": ["flash"],
     "trainer.max_steps": [0, -2, -1],  # -1 only with trainer.max_epochs ≥ 1
     "trainer.max_epochs": [0],
@@ -151,8 +153,6 @@ UNCHECKED: dict[str, str] = {
     "data.group_by_length": BOOL,
     "data.cache_dir": "any folder (created on use)",
     "data.seed": "an interpolation of seed",
-    "engine.compile": BOOL,
-    "engine.prefix_sharing": BOOL,
     "reference.cache_dir": "any folder (created on use)",
     "scheduler.num_training_steps": "passed by the stage",
     "optimizer.betas.1": "as betas.0 (torch checks both when the optimizer is built here)",

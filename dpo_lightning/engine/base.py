@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dpo_lightning.data.collate import PreferenceCollator
 from dpo_lightning.engine.logps import CompletionStats
-from dpo_lightning.run.errors import UserError
+from dpo_lightning.run.errors import UserError, check_choice
 
 
 class BatchReader(Protocol):
@@ -99,7 +99,7 @@ class ForwardEngine:
     row_per_completion: bool = True
 
     def __init__(self, compile: bool = False) -> None:
-        self.compile = compile
+        self.compile = check_choice("compile", compile, (True, False))
         self._compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     # Which models were compiled is per process (weak references do not pickle): a spawned

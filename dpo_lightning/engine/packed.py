@@ -71,7 +71,7 @@ class PackedEngine(ForwardEngine):
         compile: bool = False,
     ) -> None:
         super().__init__(compile=compile)
-        self.prefix_sharing = prefix_sharing
+        self.prefix_sharing = check_choice("prefix_sharing", prefix_sharing, (True, False))
         self.chunk_size = check_number("chunk_size", chunk_size, minimum=1, integer=True, optional=True)
         if attn_implementation is not None:
             check_choice("attn_implementation", attn_implementation, sorted(PACKED_ATTENTION))
