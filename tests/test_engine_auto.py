@@ -72,30 +72,30 @@ def test_default_config_resolves_to_packed_for_the_tiny_model(tmp_path, caplog, 
     assert "logit_index" in batch and batch["input_ids"].shape[0] == 1  # one packed row
 
 
-def test_config_that_needs_padded_rows_falls_back_with_one_line(tmp_path, caplog, tokenizer):
+def _built(overrides, tmp_path, tokenizer, caplog):
+    """The stage ``train.py`` builds for ``overrides`` (its DataModule asked for the collator
+    first), and the ``engine=auto`` lines it logged."""
     from dpo_lightning.train import build_module
 
-    cfg = compose(["data.padding_side=left"], tmp_path)
+    cfg = compose(overrides, tmp_path)
     engine = instantiate(cfg.engine)
     engine.collator(0, cfg.data.padding_side)
     with caplog.at_level(logging.INFO, logger=RANK_ZERO):
         module = build_module(cfg, tokenizer, engine)
+    return module, [r.message for r in caplog.records if r.message.startswith("engine=auto")]
+
+
+def test_config_that_needs_padded_rows_falls_back_with_one_line(tmp_path, caplog, tokenizer):
+    module, lines = _built(["data.padding_side=left"], tmp_path, tokenizer, caplog)
     assert isinstance(module.engine, PaddedEngine)
-    lines = [r.message for r in caplog.records if r.message.startswith("engine=auto")]
     why = "data.padding_side='left' (one packed row has no padding side)"
     assert lines == [f"engine=auto: padded rows, because {why}"]
 
 
 def test_precomputed_reference_keeps_the_packed_engine(tmp_path, caplog, tokenizer):
     """The precomputed cache is keyed by completion content, not padded rows: auto stays packed."""
-    from dpo_lightning.train import build_module
-
-    cfg = compose(["reference=precomputed"], tmp_path)
-    engine = instantiate(cfg.engine)
-    engine.collator(0, cfg.data.padding_side)
-    with caplog.at_level(logging.INFO, logger=RANK_ZERO):
-        module = build_module(cfg, tokenizer, engine)
-    assert isinstance(module.engine, PackedEngine)
+    module, lines = _built(["reference=precomputed"], tmp_path, tokenizer, caplog)
+    assert isinstance(module.engine, PackedEngine) and lines[0].startswith("engine=auto: packed rows")
     by_hand = _dpo(make_tiny_model(V), PackedEngine(), reference=PrecomputedReference())
     assert isinstance(by_hand.engine, PackedEngine)
 
