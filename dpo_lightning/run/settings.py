@@ -191,8 +191,8 @@ def build(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
         if setting is not None:
             raise setting.at(full_key(node, key, setting)) from err
         unknown = _unknown_argument(_cause(err, TypeError))
-        if unknown is not None:  # a key added with +<key>.<name>=... that the class does not take
-            known = ", ".join(sorted(k for k in node if not str(k).startswith("_")))
+        if unknown is not None and unknown in node:  # +<key>.<name>=... that the class does not take
+            known = ", ".join(sorted(str(k) for k in node if not str(k).startswith("_") and k != unknown))
             message = f"{key}.{unknown}: not a setting of {key}; remove it (its settings: {known})"
             raise ConfigError(message) from err
         raise
