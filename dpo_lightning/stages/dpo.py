@@ -186,6 +186,28 @@ class DPOModule(PolicyModule):
             **kwargs,
         )
 
+    def pair_metrics(
+        self,
+        losses: Tensor,
+        chosen_rewards: Tensor,
+        rejected_rewards: Tensor,
+        policy: CompletionStats,
+        ci: Tensor,
+        ri: Tensor,
+    ) -> dict[str, Tensor]:
+        """The logged preference metrics of pairs ``(ci, ri)`` (:func:`preference_metrics`)."""
+        return preference_metrics(
+            losses,
+            chosen_rewards,
+            rejected_rewards,
+            policy.logps[ci],
+            policy.logps[ri],
+            policy.mean_logits[ci],
+            policy.mean_logits[ri],
+            policy.lengths[ci],
+            policy.lengths[ri],
+        )
+
     def _shared_step(self, batch: dict[str, Any], stage: str) -> Tensor:
         if self.loss_fn.unpaired:
             return self._unpaired_step(batch, stage)
@@ -198,17 +220,7 @@ class DPOModule(PolicyModule):
         policy, reference = self._forwards(batch, token_metrics=True)
         mean_length = self.mean_chosen_length(policy, ci)
         losses, chosen_rewards, rejected_rewards = self.pair_losses(policy, reference, ci, ri, mean_length)
-        metrics = preference_metrics(
-            losses,
-            chosen_rewards,
-            rejected_rewards,
-            policy.logps[ci],
-            policy.logps[ri],
-            policy.mean_logits[ci],
-            policy.mean_logits[ri],
-            policy.lengths[ci],
-            policy.lengths[ri],
-        )
+        metrics = self.pair_metrics(losses, chosen_rewards, rejected_rewards, policy, ci, ri)
         metrics |= token_metrics(policy, ci)
         loss, metrics["loss"] = self.reduce_loss(losses.sum(), float(ci.numel()), stage)  # global pairs
         n = int(batch["num_pairs"])

@@ -235,17 +235,7 @@ class OnlineDPOModule(DPOModule):
             losses, chosen_rewards, rejected_rewards = self.pair_losses(
                 policy, reference, ci, ri, mean_length
             )
-            metrics = preference_metrics(
-                losses,
-                chosen_rewards,
-                rejected_rewards,
-                policy.logps[ci],
-                policy.logps[ri],
-                policy.mean_logits[ci],
-                policy.mean_logits[ri],
-                policy.lengths[ci],
-                policy.lengths[ri],
-            )
+            metrics = self.pair_metrics(losses, chosen_rewards, rejected_rewards, policy, ci, ri)
             sums |= {f"pair/{k}": v.detach().double() * local_pairs for k, v in metrics.items()}
         else:
             losses = policy.logps.new_zeros(0)
